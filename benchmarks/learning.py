@@ -1,0 +1,162 @@
+"""Learning results of qmle_dmc.py: expand env ids x seeds into training commands, run or print them, and
+report the last-10-episode returns against the authors' release with a learning-curve plot.
+
+    # run 3 seeds of two tasks locally, two runs at a time (each run writes runs/{run_name}/metrics.csv)
+    python benchmarks/learning.py run --env-ids cartpole-swingup walker-walk --seeds 1 2 3 --jobs 2
+    # the same grid as commands, one per line, for a cluster scheduler (or see benchmarks/sweep.yaml for W&B)
+    python benchmarks/learning.py print --env-ids cartpole-swingup walker-walk --seeds 1 2 3
+    # table (markdown) + curves CSV + plot from what the runs wrote, against ../shared/peers/qmle-release
+    python benchmarks/learning.py report --exp-names qmle_dmc --output-dir docs
+Extra flags go to every training command as one string: --extra="--target-network-frequency 2000".
+"""
+
+import csv
+import glob
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import List, Literal
+
+import numpy as np
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE_CURVES = os.path.join(ROOT, "..", "shared", "peers", "qmle-release", "curves.csv")
+
+
+@dataclass
+class Args:
+    mode: tyro.conf.Positional[Literal["run", "print", "report"]]
+    """run: train locally; print: emit the commands; report: table and plot from runs/"""
+    env_ids: List[str] = field(default_factory=lambda: ["cartpole-swingup", "walker-walk"])
+    """tasks of the grid"""
+    seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
+    """seeds of the grid"""
+    total_timesteps: int = 100_000
+    """environment steps per run"""
+    exp_name: str = "qmle_dmc"
+    """experiment name given to the runs (run/print)"""
+    script: str = os.path.join(ROOT, "qmle_dmc.py")
+    """the training script (a frozen copy keeps long queues safe from edits to the working tree)"""
+    extra: str = ""
+    """further qmle_dmc.py flags for every run, as one string"""
+    jobs: int = 2
+    """runs at a time (run mode)"""
+    pin_cores: bool = False
+    """pin run i to core i mod cores with taskset, so parallel runs do not fight over caches (Linux)"""
+    runs_dir: str = "runs"
+    """where the training runs write (report mode reads it)"""
+    exp_names: List[str] = field(default_factory=lambda: ["qmle_dmc"])
+    """experiments to report, each a group of runs"""
+    release_curves: str = RELEASE_CURVES
+    """the authors' release curves (env_id, seed, step, episodic_return) to compare against"""
+    output_dir: str = "docs"
+    """report mode: where learning_curves.csv and learning_curves.png go"""
+    last_episodes: int = 10
+    """report mode: episodes averaged at the end of each run"""
+
+
+def commands(args: Args) -> List[List[str]]:
+    return [[sys.executable, args.script, "--env-id", env_id, "--seed", str(seed), "--total-timesteps",
+             str(args.total_timesteps), "--exp-name", args.exp_name, *shlex.split(args.extra)]
+            for env_id in args.env_ids for seed in args.seeds]
+
+
+def run(args: Args) -> None:
+    todo, running, cores = list(enumerate(commands(args))), [], os.cpu_count() or 1
+    os.makedirs(os.path.join(args.runs_dir, "logs"), exist_ok=True)
+    while todo or running:
+        running = [p for p in running if p.poll() is None]
+        while todo and len(running) < args.jobs:
+            i, cmd = todo.pop(0)
+            cmd = ["taskset", "-c", str(i % cores), *cmd] if args.pin_cores else cmd
+            log = os.path.join(args.runs_dir, "logs", f"{args.exp_name}_{i}.log")
+            print(f"starting ({log}): {shlex.join(cmd)}", flush=True)
+            running.append(subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                            cwd=os.path.dirname(os.path.abspath(args.runs_dir))))
+        time.sleep(5)
+
+
+def read_runs(runs_dir: str, exp_name: str) -> dict:
+    """{(env_id, seed): [(step, episodic_return), ...]} from runs/{env}__{exp}__{seed}__{time}/metrics.csv."""
+    curves = {}
+    for path in sorted(glob.glob(os.path.join(runs_dir, f"*__{exp_name}__*__*", "metrics.csv"))):
+        env_id, _, seed, _ = os.path.basename(os.path.dirname(path)).split("__")
+        rows = [r for r in csv.DictReader(open(path)) if r["charts/episodic_return"]]
+        curves[(env_id, int(seed))] = [(int(r["global_step"]), float(r["charts/episodic_return"])) for r in rows]
+    return curves
+
+
+def read_release(path: str) -> dict:
+    curves = defaultdict(list)
+    for r in csv.DictReader(open(path)):
+        curves[(r["env_id"], int(r["seed"]))].append((int(r["step"]), float(r["episodic_return"])))
+    return dict(curves)
+
+
+def report(args: Args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {name: read_runs(args.runs_dir, name) for name in args.exp_names}
+    groups["release"] = read_release(args.release_curves) if os.path.isfile(args.release_curves) else {}
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "learning_curves.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["exp_name", "env_id", "seed", "step", "episodic_return"])
+        for name, curves in groups.items():
+            for (env_id, seed), points in sorted(curves.items()):
+                writer.writerows([name, env_id, seed, s, r] for s, r in points)
+
+    env_ids = sorted({env for curves in groups.values() for env, _ in curves})
+    print(f"| task | experiment | steps | last-{args.last_episodes}-episode return per seed | mean | vs release |")
+    print("|---|---|---|---|---|---|")
+    release_mean = {}
+    for env_id in env_ids:
+        for name in ["release", *args.exp_names]:
+            finals = {seed: (pts[-1][0], np.mean([r for _, r in pts[-args.last_episodes:]]))
+                      for (env, seed), pts in sorted(groups[name].items()) if env == env_id}
+            if not finals:
+                continue
+            mean = float(np.mean([v for _, v in finals.values()]))
+            release_mean.setdefault(env_id, mean if name == "release" else None)
+            ratio = f"{mean / release_mean[env_id]:.0%}" if release_mean[env_id] else "-"
+            per_seed = ", ".join(f"{seed}: {v:.1f}" for seed, (_, v) in finals.items())
+            steps = min(s for s, _ in finals.values())
+            print(f"| {env_id} | {name} | {steps} | {per_seed} | {mean:.1f} | {ratio} |")
+
+    fig, axes = plt.subplots(1, len(env_ids), figsize=(5 * len(env_ids), 3.6), squeeze=False)
+    for ax, env_id in zip(axes[0], env_ids):
+        for name, curves in groups.items():
+            runs = [pts for (env, _), pts in curves.items() if env == env_id]
+            if not runs:
+                continue
+            grid = np.arange(1000, min(pts[-1][0] for pts in runs) + 1, 1000)
+            values = np.array([np.interp(grid, *zip(*pts)) for pts in runs])
+            mean, sem = values.mean(0), values.std(0) / np.sqrt(len(runs))
+            ax.plot(grid, mean, label=f"{name} ({len(runs)} seeds)")
+            ax.fill_between(grid, mean - sem, mean + sem, alpha=0.25)
+        ax.set(title=env_id, xlabel="environment steps", ylabel="episodic return")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.output_dir, "learning_curves.png"), dpi=110)
+    print(f"wrote {args.output_dir}/learning_curves.csv and learning_curves.png")
+
+
+def main(args: Args) -> None:
+    if args.mode == "print":
+        print("\n".join(shlex.join(c) for c in commands(args)))
+    elif args.mode == "run":
+        run(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
