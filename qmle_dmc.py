@@ -17,6 +17,7 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # render offscreen; must be set before dm_control is imported
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
@@ -30,6 +31,9 @@ import optax
 import shimmy  # noqa: F401  (importing it registers the dm_control/* Gymnasium ids)
 import tyro
 from flax.training.train_state import TrainState
+
+# DeepMind Control declares float64 boxes; casting them to our float32 observations is intended.
+warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
 
 
 @dataclass

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import flax
+import imageio
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -344,3 +345,17 @@ def test_track_sends_the_metrics_to_a_wandb_run(tmp_path):
         for key, value in row.items():
             if key != "global_step" and value:
                 assert logged[key] == pytest.approx(float(value), rel=1e-6), key
+
+
+def test_evaluation_records_a_video_offscreen(tmp_path):
+    # InvertedPendulum (Gymnasium MuJoCo) falls within a few dozen steps untrained: a short video to render.
+    model = q.QMLENetwork(1, 3)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4)), jnp.zeros((1, 1, 1)))
+    returns = q.evaluate(model, params, "InvertedPendulum-v5", 0, 1, q.Budget(5, 5, 1, 1), 0.1,
+                         video_dir=str(tmp_path / "videos"))
+    (video,) = glob.glob(str(tmp_path / "videos" / "*.mp4"))
+    reader = imageio.get_reader(video)
+    frame = reader.get_data(0)
+    # a frame per step plus the reset frame (the encoder may pad one); InvertedPendulum pays 1 per step
+    assert int(returns[0]) + 1 <= reader.count_frames() <= int(returns[0]) + 2
+    assert frame.ndim == 3 and frame.shape[-1] == 3 and frame.std() > 1  # a rendered image, not a blank

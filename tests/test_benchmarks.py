@@ -1,0 +1,79 @@
+"""The benchmark tooling: the learning runner's grid, its report, and the W&B sweep file."""
+
+import csv
+import itertools
+import os
+import sys
+
+import pytest
+import tyro
+import yaml
+
+import qmle_dmc as q
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import learning  # noqa: E402
+
+
+def test_runner_expands_env_ids_times_seeds_into_valid_training_commands():
+    args = tyro.cli(learning.Args, args=["print", "--env-ids", "cartpole-swingup", "walker-walk", "--seeds", "1", "2",
+                                         "3", "--exp-name", "grid", "--extra=--target-network-frequency 2000"])
+    commands = learning.commands(args)
+    assert len(commands) == 6
+    expected = set(itertools.product(["cartpole-swingup", "walker-walk"], ["1", "2", "3"]))
+    assert {(c[c.index("--env-id") + 1], c[c.index("--seed") + 1]) for c in commands} == expected
+    for command in commands:
+        parsed = tyro.cli(q.Args, args=command[2:])  # each command is a valid qmle_dmc.py invocation
+        assert parsed.target_network_frequency == 2000 and parsed.exp_name == "grid"
+        assert parsed.total_timesteps == 100_000
+
+
+def write_run(runs_dir, env_id, exp, seed, returns):
+    run_dir = os.path.join(runs_dir, f"{env_id}__{exp}__{seed}__123")
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "metrics.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["global_step", "charts/episodic_return", "charts/SPS"])
+        for i, r in enumerate(returns):
+            writer.writerow([1000 * (i + 1), r, ""])
+            writer.writerow([1000 * (i + 1) + 1, "", 100.0])  # rows without a return are skipped
+
+
+def test_report_averages_the_last_episodes_against_the_release(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed, offset in [(1, 0.0), (2, 10.0)]:
+        write_run(str(runs), "walker-walk", "mine", seed, [offset + i for i in range(30)])
+    release = tmp_path / "release.csv"
+    with open(release, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["env_id", "seed", "step", "episodic_return"])
+        writer.writerows(["walker-walk", 1, 1000 * (i + 1), 40.0] for i in range(30))
+    learning.report(learning.Args(mode="report", runs_dir=str(runs), exp_names=["mine"],
+                                  release_curves=str(release), output_dir=str(tmp_path / "out"), last_episodes=10))
+    table = capsys.readouterr().out
+    # seed 1: mean of 20..29 = 24.5; seed 2: 34.5; mean 29.5; release 40 -> 74%
+    assert "| walker-walk | mine | 30000 | 1: 24.5, 2: 34.5 | 29.5 | 74% |" in table
+    assert "| walker-walk | release | 30000 | 1: 40.0 | 40.0 | 100% |" in table
+    rows = list(csv.DictReader(open(tmp_path / "out" / "learning_curves.csv")))
+    assert len(rows) == 90 and {r["exp_name"] for r in rows} == {"mine", "release"}
+    assert os.path.getsize(tmp_path / "out" / "learning_curves.png") > 10_000
+
+
+def test_sweep_file_runs_the_same_grid_with_real_flags():
+    sweep = yaml.safe_load(open(os.path.join(ROOT, "benchmarks", "sweep.yaml")))
+    assert os.path.exists(os.path.join(ROOT, sweep["program"]))
+    flags = []
+    for name, spec in sweep["parameters"].items():
+        value = spec.get("value", spec.get("values", [None])[0])
+        flags += [f"--{name}"] if value is True else [f"--{name}={value}"]  # W&B's ${args_no_boolean_flags}
+    parsed = tyro.cli(q.Args, args=flags)
+    assert parsed.track and parsed.env_id == "cartpole-swingup" and parsed.total_timesteps == 100_000
+    assert set(sweep["parameters"]["env-id"]["values"]) == {"cartpole-swingup", "walker-walk"}
+    assert sweep["parameters"]["seed"]["values"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("env_id", ["walker-walk", "dog-walk"])
+def test_speed_benchmark_tasks_exist_with_their_action_sizes(env_id):
+    env = q.make_env(env_id, 0)
+    assert env.action_space.shape == {"walker-walk": (6,), "dog-walk": (38,)}[env_id]
