@@ -219,6 +219,16 @@ def test_select_action_is_greedy_over_its_candidates_or_random(model_and_params)
     assert all(int(b) == -1 for _, b in randoms) and len({float(a[0]) for a, _ in randoms}) == 5
 
 
+def test_every_deepmind_control_suite_task_has_an_env_id():
+    from dm_control import suite
+    import gymnasium as gym
+
+    ids = [f"{domain}-{task}" for domain, task in suite.ALL_TASKS]
+    assert {"dog-walk", "humanoid-run", "cartpole-swingup", "walker-walk"} <= set(ids)
+    assert all(q.dmc_gym_id(i) in gym.registry for i in ids)
+    assert q.dmc_gym_id("Pendulum-v1") is None and q.dmc_gym_id("walker-wlak") is None
+
+
 # --- argument checking: one clear line, non-zero exit, no traceback ------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [
