@@ -1,0 +1,526 @@
+"""QT-Opt: Q-learning with cross-entropy-method maximisation, on the DeepMind Control Suite.
+
+max_a Q(s, a) is approximated by the cross-entropy method (CEM): sample actions from a Gaussian over the
+action box, evaluate an action-in Q network on them, keep the elites, refit the Gaussian's mean and std
+(with a floor), repeat, and take the best sample seen. The TD target is clipped double Q with two lagged
+target networks: the minimum of the two at the CEM arg-max of the first. Epsilon-greedy exploration around
+the CEM action, uniform or prioritised replay; the Q network is qmle_dmc.py's, so only the maximiser differs.
+
+Paper: Kalashnikov et al., "QT-Opt: Scalable Deep Reinforcement Learning for Vision-Based Robotic
+Manipulation", CoRL 2018 (arXiv 1806.10293): clipped double Q and CEM (64 samples, 6 elites, 2 iterations).
+The baseline that QMLE is compared against (Tavakoli et al. 2025); its headline setting here:
+
+    python qtopt_cem.py --env-id walker-walk
+"""
+
+import functools
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # render offscreen; must be set before dm_control is imported
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
+
+import flax
+import flax.linen as nn
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import shimmy  # noqa: F401  (importing it registers the dm_control/* Gymnasium ids)
+import tyro
+from flax.training.train_state import TrainState
+
+# DeepMind Control declares float64 boxes; casting them to our float32 observations is intended.
+warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment: environment, exploration and network initialisation"""
+    track: bool = False
+    """log the run to Weights & Biases"""
+    wandb_project_name: str = "qmle-jax"
+    """the Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases entity (team)"""
+    capture_video: bool = False
+    """record videos of the evaluation episodes to runs/{run_name}/videos (renders offscreen with EGL)"""
+    save_model: bool = False
+    """save the parameters to runs/{run_name}/qtopt_cem.flax at the end"""
+    load_model: Optional[str] = None
+    """path of a saved model: evaluate it greedily for --eval-episodes episodes instead of training"""
+
+    env_id: str = "walker-walk"
+    """DeepMind Control id `domain-task` (e.g. dog-walk, cartpole-swingup) or a Gymnasium Box-action id"""
+    total_timesteps: int = 100_000
+    """environment steps to train for"""
+    learning_rate: float = 5e-4
+    """Adam step size"""
+    buffer_size: int = 1_000_000
+    """replay memory capacity in transitions"""
+    gamma: float = 0.99
+    """discount factor"""
+    batch_size: int = 256
+    """transitions per update"""
+    learning_starts: int = 1000
+    """environment steps before the first update"""
+    train_frequency: int = 10
+    """environment steps between updates"""
+    target_network_frequency: int = 200
+    """environment steps between target copies: Q into the first target, the first into the second"""
+    epsilon: float = 0.1
+    """probability of a uniformly random action while training"""
+    prioritized_replay: bool = True
+    """proportional prioritised replay; --no-prioritized-replay samples uniformly"""
+    priority_exponent: float = 0.6
+    """alpha: how strongly priorities skew sampling"""
+    importance_exponent: float = 0.2
+    """beta: strength of the importance-sampling correction"""
+    priority_epsilon: float = 1e-6
+    """added to abs TD error so no transition gets zero priority"""
+
+    cem_samples: int = 64
+    """actions CEM samples and evaluates per iteration (paper: 64; TF-Agents: 32)"""
+    cem_elites: int = 6
+    """highest-Q samples the Gaussian is refitted to (paper: 6; TF-Agents: 4)"""
+    cem_iterations: int = 2
+    """sample-and-refit rounds (paper: 2; TF-Agents: 3)"""
+    cem_min_std: float = 0.01
+    """floor on each dimension's refitted std (TF-Agents: minimum variance 1e-4, i.e. std 0.01)"""
+
+    eval_frequency: int = 10_000
+    """environment steps between greedy evaluations (0 = never)"""
+    eval_episodes: int = 1
+    """episodes per greedy evaluation"""
+    log_frequency: int = 1000
+    """environment steps between console and metrics lines"""
+
+
+def check_args(args: Args) -> None:
+    """Reject settings that would crash later or silently train something else."""
+    at_least = dict(total_timesteps=1, cem_samples=1, cem_elites=1, cem_iterations=1, batch_size=1, buffer_size=1,
+                    train_frequency=1, target_network_frequency=1, eval_episodes=1, log_frequency=1)
+    at_least_zero = dict(learning_starts=0, eval_frequency=0, cem_min_std=0.0, priority_epsilon=0.0,
+                         priority_exponent=0.0, importance_exponent=0.0)
+    for name, low in {**at_least, **at_least_zero}.items():
+        if getattr(args, name) < low:
+            fail(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    for name in ("gamma", "epsilon"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.cem_elites > args.cem_samples:
+        fail(f"--cem-elites must be <= --cem-samples ({args.cem_samples}), got {args.cem_elites}")
+    if args.load_model is not None and not os.path.isfile(args.load_model):
+        fail(f"--load-model: no such file: {args.load_model}")
+
+
+def fail(message: str) -> None:
+    raise SystemExit(f"error: {message}")
+
+
+def dmc_gym_id(env_id: str) -> Optional[str]:
+    """`walker-walk` -> `dm_control/walker-walk-v0` when it names a suite task, else None."""
+    from dm_control import suite
+
+    return f"dm_control/{env_id}-v0" if tuple(env_id.split("-", 1)) in suite.ALL_TASKS else None
+
+
+def make_env(env_id: str, seed: int, render: bool = False) -> gym.Env:
+    """A Gymnasium env with float32 flat observations and actions rescaled to [-1, 1]."""
+    gym_id = dmc_gym_id(env_id) or env_id
+    if gym_id not in gym.registry:
+        from dm_control import suite
+
+        dmc = ", ".join(f"{d}-{t}" for d, t in suite.ALL_TASKS)
+        fail(f"unknown --env-id {env_id!r}; DeepMind Control ids: {dmc}; or any Gymnasium id with Box actions")
+    env = gym.make(gym_id, render_mode="rgb_array" if render else None)
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"--env-id {env_id!r} has {type(env.action_space).__name__} actions; qtopt_cem.py needs a Box")
+    env = gym.wrappers.FlattenObservation(env)
+    env = gym.wrappers.DtypeObservation(env, np.float32)
+    env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # CEM's Gaussian lives in [-1, 1]^D
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    env.action_space.seed(seed)
+    return env
+
+
+# === replay buffer: begin (identical in every agent script) ===
+class ReplayBuffer(NamedTuple):
+    """Device-resident replay memory, a pytree that jitted code reads and writes.
+
+    `storage` is the transition pytree with a leading capacity axis. `tree` is a sum-tree of sampling
+    weights (priority ** alpha) laid out heap-style: slot 1 is the root (the total), slot i has children
+    2i and 2i + 1, and leaf j sits in slot `leaves + j`. Parents are always recomputed from their
+    children, so float32 rounding never accumulates however long the run.
+    """
+
+    storage: Any
+    tree: jax.Array
+    max_weight: jax.Array  # the weight new transitions get: the largest seen, so each is replayed soon
+    cursor: jax.Array
+    size: jax.Array
+
+
+def buffer_init(example_transition: Any, capacity: int) -> ReplayBuffer:
+    leaves = 1 << max(capacity - 1, 1).bit_length()
+    storage = jax.tree.map(lambda x: jnp.zeros((capacity, *jnp.shape(x)), jnp.asarray(x).dtype), example_transition)
+    return ReplayBuffer(storage, jnp.zeros(2 * leaves, jnp.float32), jnp.ones((), jnp.float32),
+                        cursor=jnp.zeros((), jnp.int32), size=jnp.zeros((), jnp.int32))
+
+
+def _tree_set(tree: jax.Array, index: jax.Array, weight: jax.Array) -> jax.Array:
+    leaves = tree.shape[0] // 2
+    node = index + leaves
+    tree = tree.at[node].set(weight)
+    for _ in range(leaves.bit_length() - 1):
+        node = node // 2
+        tree = tree.at[node].set(tree[2 * node] + tree[2 * node + 1])
+    return tree
+
+
+def buffer_add(buffer: ReplayBuffer, transitions: Any) -> ReplayBuffer:
+    """Write a chunk of transitions (leading axis n) at the cursor, overwriting the oldest when full."""
+    capacity = jax.tree.leaves(buffer.storage)[0].shape[0]
+    n = jax.tree.leaves(transitions)[0].shape[0]
+    index = (buffer.cursor + jnp.arange(n)) % capacity
+    storage = jax.tree.map(lambda s, x: s.at[index].set(x), buffer.storage, transitions)
+    tree = _tree_set(buffer.tree, index, jnp.full(n, buffer.max_weight))
+    return buffer._replace(storage=storage, tree=tree, cursor=(buffer.cursor + n) % capacity,
+                           size=jnp.minimum(buffer.size + n, capacity))
+
+
+def buffer_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int, prioritized: bool, beta: float):
+    """Returns (indices, transitions, importance weights normalised to max 1 within the batch).
+
+    Proportional sampling is stratified: one draw from each of `batch_size` equal slices of the total.
+    """
+    if not prioritized:
+        index = jax.random.randint(key, (batch_size,), 0, buffer.size)
+        return index, jax.tree.map(lambda s: s[index], buffer.storage), jnp.ones(batch_size, jnp.float32)
+    leaves = buffer.tree.shape[0] // 2
+    total = buffer.tree[1]
+    target = (jnp.arange(batch_size) + jax.random.uniform(key, (batch_size,))) * (total / batch_size)
+    node = jnp.ones(batch_size, jnp.int32)
+    for _ in range(leaves.bit_length() - 1):
+        left = buffer.tree[2 * node]
+        go_right = target >= left
+        target = jnp.where(go_right, target - left, target)
+        node = 2 * node + go_right
+    index = jnp.minimum(node - leaves, buffer.size - 1)  # float rounding can step past the last leaf
+    probability = buffer.tree[index + leaves] / total
+    weights = (buffer.size * probability) ** -beta
+    return index, jax.tree.map(lambda s: s[index], buffer.storage), weights / weights.max()
+
+
+def buffer_update(buffer: ReplayBuffer, index: jax.Array, priority: Optional[jax.Array] = None,
+                  alpha: float = 1.0, **fields: jax.Array) -> ReplayBuffer:
+    """Write back new priorities (raised to alpha here) and/or new values of stored fields at `index`."""
+    storage = dict(buffer.storage, **{k: buffer.storage[k].at[index].set(v) for k, v in fields.items()})
+    if priority is None:
+        return buffer._replace(storage=storage)
+    weight = priority.astype(jnp.float32) ** alpha
+    return buffer._replace(storage=storage, tree=_tree_set(buffer.tree, index, weight),
+                           max_weight=jnp.maximum(buffer.max_weight, weight.max()))
+# === replay buffer: end ===
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation residual block of two dense layers, width preserved."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.features)(nn.relu(x))
+        return x + nn.Dense(self.features)(nn.relu(h))
+
+
+class QNetwork(nn.Module):
+    """qmle_dmc.py's action-in Q network (QMLE paper, Appendix B.1) without its arg-max predictors.
+
+    Q(s, a) = head(LN-ELU(joint_block(concat(obs_stream(s), action_stream(a))))). The observation stream
+    is computed once per state and broadcast over that state's candidates; the joint block's first layer
+    is split into its observation and action halves (the same linear map as on the concatenation), so the
+    observation half is a per-state product, not a per-candidate one.
+    """
+
+    action_dim: int
+
+    def setup(self):
+        self.obs_embed, self.obs_block, self.obs_norm = nn.Dense(128), ResidualBlock(128), nn.LayerNorm()
+        self.act_embed, self.act_norm = nn.Dense(128), nn.LayerNorm()
+        self.joint_in_obs, self.joint_in_act = nn.Dense(256), nn.Dense(256, use_bias=False)
+        self.joint_out, self.joint_norm, self.q_head = nn.Dense(256), nn.LayerNorm(), nn.Dense(1)
+
+    def __call__(self, obs, actions):
+        return self.q_values(self.observation_stream(obs), actions)
+
+    def observation_stream(self, obs):  # [..., obs_dim] -> [..., 128]
+        return nn.elu(self.obs_norm(self.obs_block(self.obs_embed(obs))))
+
+    def q_values(self, embedding, actions):  # [..., 128], [..., M, D] -> [..., M]
+        a = nn.elu(self.act_norm(self.act_embed(actions)))
+        h = self.joint_in_obs(nn.relu(embedding))[..., None, :] + self.joint_in_act(nn.relu(a))
+        h = self.joint_out(nn.relu(h))
+        x = jnp.concatenate([jnp.broadcast_to(embedding[..., None, :], a.shape), a], axis=-1)
+        return self.q_head(nn.elu(self.joint_norm(x + h)))[..., 0]
+
+
+class CEM(NamedTuple):
+    """Settings of the cross-entropy method (static under jit)."""
+
+    samples: int
+    elites: int
+    iterations: int
+    min_std: float
+
+
+def cem_maximise(q_fn, key, batch: int, dim: int, cem: CEM):
+    """Approximate arg-max over [-1, 1]^dim of q_fn ([B, N, D] -> [B, N]) for B states at once.
+
+    Each state starts from a Gaussian with mean 0 and std 1 per dimension. Each iteration samples N
+    actions (clipped to the box), evaluates them all in one call, keeps the `elites` highest and refits
+    mean and std to them (vmapped over states), the std floored at `min_std`. The answer is the best sample
+    seen in any iteration, not the final mean, which Q never evaluated. Meant to run inside jit.
+
+    Returns (arg-max [B, D], its Q [B], final std [B, D], best Q of the first iteration [B]).
+    """
+
+    def refit(samples, values):  # one state: [N, D], [N] -> mean, std, best sample, its value
+        top_values, top = jax.lax.top_k(values, cem.elites)
+        elites = samples[top]
+        return elites.mean(0), jnp.maximum(elites.std(0), cem.min_std), elites[0], top_values[0]
+
+    def iteration(carry, k):
+        mean, std, best, best_value = carry
+        noise = jax.random.normal(k, (batch, cem.samples, dim))
+        samples = jnp.clip(mean[:, None] + std[:, None] * noise, -1.0, 1.0)
+        mean, std, top, top_value = jax.vmap(refit)(samples, q_fn(samples))
+        better = top_value > best_value
+        best, best_value = jnp.where(better[:, None], top, best), jnp.where(better, top_value, best_value)
+        return (mean, std, best, best_value), top_value
+
+    start = (jnp.zeros((batch, dim)), jnp.ones((batch, dim)), jnp.zeros((batch, dim)), jnp.full(batch, -jnp.inf))
+    (_, std, best, value), top_values = jax.lax.scan(iteration, start, jax.random.split(key, cem.iterations))
+    return best, value, std, top_values[0]
+
+
+class QTOptState(TrainState):
+    target_params: Any  # first target network: CEM's arg-max is taken under it
+    lagged_params: Any  # second target network, one copy older than the first
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cem"))
+def select_action(model: QNetwork, params, obs, key, epsilon, cem: CEM):
+    """CEM's approximate greedy action under Q, or with prob. epsilon a uniform one.
+
+    Returns (action [D], CEM's final std averaged over dimensions, or -1 when the action was random)."""
+    k_cem, k_explore, k_random = jax.random.split(key, 3)
+    embedding = model.apply(params, obs[None], method=QNetwork.observation_stream)
+    q_fn = lambda a: model.apply(params, embedding, a, method=QNetwork.q_values)  # noqa: E731
+    action, _, std, _ = cem_maximise(q_fn, k_cem, 1, model.action_dim, cem)
+    random_action = jax.random.uniform(k_random, (model.action_dim,), minval=-1.0, maxval=1.0)
+    explore = jax.random.uniform(k_explore) < epsilon
+    return jnp.where(explore, random_action, action[0]), jnp.where(explore, -1.0, std.mean())
+
+
+def q_over_candidates(model: QNetwork, params, embedding, candidates, states_per_chunk: int = 32):
+    """Q of every candidate of every state: [B, 128], [B, M, D] -> [B, M].
+
+    Evaluated a few states at a time, as in qmle_dmc.py (where it halves the target's time on a CPU): each
+    chunk's activations (32 x 64 x 256 floats at the defaults) stay in cache between the matmuls.
+    """
+    batch = embedding.shape[0]
+    chunk = np.gcd(batch, states_per_chunk)
+    split = lambda x: x.reshape(batch // chunk, chunk, *x.shape[1:])  # noqa: E731
+    q = jax.lax.map(lambda xs: model.apply(params, *xs, method=QNetwork.q_values),
+                    (split(embedding), split(candidates)))
+    return q.reshape(batch, -1)
+
+
+def clipped_double_q(model: QNetwork, target_params, lagged_params, next_obs, key, cem: CEM):
+    """QT-Opt's target value: min(Q1(s', a*), Q2(s', a*)), a* = CEM's arg-max of Q1 at s'.
+
+    Returns (the value [B], a* [B, D], diagnostics of the search and of the clipping)."""
+    embedding = model.apply(target_params, next_obs, method=QNetwork.observation_stream)
+    q_fn = functools.partial(q_over_candidates, model, target_params, embedding)
+    argmax, q1, std, first_best = cem_maximise(q_fn, key, next_obs.shape[0], model.action_dim, cem)
+    q2 = model.apply(lagged_params, next_obs, argmax[:, None])[:, 0]
+    value = jnp.minimum(q1, q2)
+    diagnostics = {"cem/target_final_std": std.mean(), "cem/target_gain": jnp.mean(q1 - first_best),
+                   "losses/clip_gap": jnp.mean(q1 - value)}
+    return value, argmax, diagnostics
+
+
+@functools.partial(jax.jit, static_argnames=("model", "batch_size", "cem", "prioritized", "alpha", "beta",
+                                             "priority_epsilon"),
+                   donate_argnames=("buffer",))
+def update(model: QNetwork, state: QTOptState, buffer: ReplayBuffer, new_transitions, key, *, gamma: float,
+           batch_size: int, cem: CEM, prioritized: bool, alpha: float, beta: float, priority_epsilon: float):
+    """One replay period as a single device call: store the steps taken since the last call, sample,
+    compute clipped double-Q targets with CEM, write priorities back, take one Adam step.
+    """
+    buffer = buffer_add(buffer, new_transitions)
+    k_sample, k_target = jax.random.split(key)
+    index, batch, weights = buffer_sample(buffer, k_sample, batch_size, prioritized, beta)
+    next_q, _, diagnostics = clipped_double_q(model, state.target_params, state.lagged_params, batch["next_obs"],
+                                              k_target, cem)
+    td_target = batch["reward"] + gamma * (1.0 - batch["terminated"]) * next_q
+
+    def loss_fn(params):
+        embedding = model.apply(params, batch["obs"], method=QNetwork.observation_stream)
+        q = model.apply(params, embedding, batch["action"][:, None], method=QNetwork.q_values)[:, 0]
+        td_error = td_target - q
+        return jnp.mean(weights * td_error**2), (td_error, q)
+
+    (td_loss, (td_error, q)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    buffer = buffer_update(buffer, index, jnp.abs(td_error) + priority_epsilon if prioritized else None, alpha)
+    metrics = {"losses/td_loss": td_loss, "losses/q_values": q.mean(), **diagnostics}
+    return state.apply_gradients(grads=grads), buffer, metrics
+
+
+def evaluate(model, params, env_id: str, seed: int, episodes: int, cem: CEM, video_dir: Optional[str] = None) -> list:
+    """Greedy returns (epsilon 0) of `episodes` episodes on a fresh environment."""
+    env = make_env(env_id, seed, render=video_dir is not None)
+    if video_dir is not None:
+        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
+    key, returns = jax.random.PRNGKey(seed), []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            key, k_act = jax.random.split(key)
+            action, _ = select_action(model, params, obs, k_act, 0.0, cem)
+            obs, _, terminated, truncated, info = env.step(np.asarray(action))
+            done = terminated or truncated
+        returns.append(float(info["episode"]["r"]))
+    env.close()
+    return returns
+
+
+class MetricsLogger:
+    """One CSV row per logged step under runs/{run_name}/, mirrored to W&B when tracking."""
+
+    def __init__(self, path: str, columns: list, wandb_run=None):
+        self.columns, self.wandb_run = ["global_step", *columns], wandb_run
+        self.file = open(path, "w", buffering=1)
+        self.file.write(",".join(self.columns) + "\n")
+
+    def log(self, step: int, metrics: dict) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        self.file.write(",".join([str(step), *(str(values.get(c, "")) for c in self.columns[1:])]) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def main(args: Args) -> None:
+    check_args(args)
+    env = make_env(args.env_id, args.seed)
+    action_dim = env.action_space.shape[0]
+    model = QNetwork(action_dim)
+    cem = CEM(args.cem_samples, args.cem_elites, args.cem_iterations, args.cem_min_std)
+    key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
+    obs, _ = env.reset(seed=args.seed)
+    params = jax.jit(model.init)(k_init, obs[None], jnp.zeros((1, 1, action_dim)))  # one compile, not op by op
+
+    if args.load_model is not None:
+        with open(args.load_model, "rb") as f:
+            params = flax.serialization.from_bytes(params, f.read())
+        returns = evaluate(model, params, args.env_id, args.seed, args.eval_episodes, cem)
+        print(f"{args.load_model}: greedy return over {len(returns)} episode(s): {np.mean(returns):.2f} {returns}")
+        return
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    wandb_run = None
+    if args.track:
+        import wandb
+
+        wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                               name=run_name, save_code=True)
+    columns = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/td_loss",
+               "losses/q_values", "losses/clip_gap", "cem/greedy_final_std", "cem/target_final_std",
+               "cem/target_gain", "eval/episodic_return"]
+    logger = MetricsLogger(os.path.join(run_dir, "metrics.csv"), columns, wandb_run)
+    print(f"{run_name}: {action_dim} action dims, CEM {cem.samples} samples, {cem.elites} elites, "
+          f"{cem.iterations} iterations, min std {cem.min_std:g}")
+
+    state = QTOptState.create(apply_fn=model.apply, params=params, target_params=params, lagged_params=params,
+                              tx=optax.adam(args.learning_rate))
+    transition = dict(obs=obs, action=np.zeros(action_dim, np.float32), reward=np.float32(0.0), next_obs=obs,
+                      terminated=np.float32(0.0))
+    buffer = buffer_init(transition, args.buffer_size)
+    pending = {k: np.zeros((args.train_frequency, *np.shape(v)), np.float32) for k, v in transition.items()}
+    store = jax.jit(buffer_add, donate_argnums=0)
+    train = functools.partial(
+        update, model, gamma=args.gamma, batch_size=args.batch_size, cem=cem, prioritized=args.prioritized_replay,
+        alpha=args.priority_exponent, beta=args.importance_exponent, priority_epsilon=args.priority_epsilon)
+    greedy_std, greedy_steps, train_metrics, last_return = 0.0, 0, {}, float("nan")
+    start_time = time.time()
+
+    for global_step in range(1, args.total_timesteps + 1):
+        key, k_act, k_update = jax.random.split(key, 3)
+        action, std = select_action(model, state.params, obs, k_act, args.epsilon, cem)
+        action, std = np.asarray(action), float(std)
+        if std >= 0:  # a greedy step
+            greedy_std, greedy_steps = greedy_std + std, greedy_steps + 1
+        next_obs, reward, terminated, truncated, info = env.step(action)
+
+        # A time-limit end is not terminal: the target bootstraps through it (partial-episode bootstrapping).
+        slot = (global_step - 1) % args.train_frequency
+        for k, v in dict(obs=obs, action=action, reward=reward, next_obs=next_obs, terminated=terminated).items():
+            pending[k][slot] = v
+        obs = next_obs
+        if terminated or truncated:
+            logger.log(global_step, {"charts/episodic_return": info["episode"]["r"],
+                                     "charts/episodic_length": info["episode"]["l"]})
+            last_return = float(info["episode"]["r"])
+            obs, _ = env.reset()
+
+        if slot == args.train_frequency - 1:
+            if global_step >= args.learning_starts:
+                state, buffer, train_metrics = train(state, buffer, pending, k_update)
+            else:
+                buffer = store(buffer, pending)
+        # Two lagged target networks, as hard copies: at every copy the first target hands its parameters to
+        # the second and takes the online ones, so the first is 0 to T steps old and the second T to 2T (T =
+        # the period). (TF-Agents keeps three: CEM's arg-max under one, the min over two copies lagging it.)
+        if global_step % args.target_network_frequency == 0:
+            state = state.replace(lagged_params=state.target_params, target_params=state.params)
+
+        if global_step % args.log_frequency == 0:
+            sps = global_step / (time.time() - start_time)
+            acting = {"cem/greedy_final_std": greedy_std / greedy_steps} if greedy_steps else {}
+            logger.log(global_step, {"charts/SPS": sps, **acting, **train_metrics})
+            greedy_std, greedy_steps = 0.0, 0
+            print(f"step {global_step:>8}  return {last_return:8.1f}  SPS {sps:.0f}", flush=True)
+        if args.eval_frequency and (global_step % args.eval_frequency == 0 or global_step == args.total_timesteps):
+            video_dir = os.path.join(run_dir, "videos", f"step{global_step}") if args.capture_video else None
+            returns = evaluate(model, state.params, args.env_id, args.seed + 10_000, args.eval_episodes, cem,
+                               video_dir)
+            logger.log(global_step, {"eval/episodic_return": np.mean(returns)})
+            print(f"step {global_step:>8}  greedy evaluation return {np.mean(returns):.1f}", flush=True)
+
+    if args.save_model:
+        path = os.path.join(run_dir, f"{args.exp_name}.flax")
+        with open(path, "wb") as f:
+            f.write(flax.serialization.to_bytes(state.params))
+        print(f"model saved to {path}")
+    logger.close()
+    env.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
