@@ -74,7 +74,8 @@ def run(args: Args) -> None:
         while todo and len(running) < args.jobs:
             i, cmd = todo.pop(0)
             cmd = ["taskset", "-c", str(i % cores), *cmd] if args.pin_cores else cmd
-            log = os.path.join(args.runs_dir, "logs", f"{args.exp_name}_{i}.log")
+            log = os.path.join(args.runs_dir, "logs", f"{args.exp_name}__{cmd[cmd.index('--env-id') + 1]}__"
+                               f"{cmd[cmd.index('--seed') + 1]}.log")
             print(f"starting ({log}): {shlex.join(cmd)}", flush=True)
             running.append(subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                             cwd=os.path.dirname(os.path.abspath(args.runs_dir))))
