@@ -332,12 +332,16 @@ def sample_candidates(key, delta, logits, budget: Budget, noise_std: float, disc
     """Eq. 21's candidate set for a batch of states: delta [B, D], logits [B, D, bins] -> [B, M, D]."""
     (batch, dim), num_bins = delta.shape, logits.shape[-1]
     k_cont, k_grid, k_delta, k_cat = jax.random.split(key, 4)
+    # Bins are drawn from one uniform each, by scaling (uniform bins) or inverse CDF (categorical): the same
+    # distributions as randint and Gumbel-max, for a fraction of their random bits (dog: 1e6 draws per update).
     uniform = jax.random.uniform(k_cont, (batch, budget.uniform_continuous, dim), minval=-1.0, maxval=1.0)
-    grid = bin_values(num_bins)[jax.random.randint(k_grid, (batch, budget.uniform_grid, dim), 0, num_bins)]
+    grid_u = jax.random.uniform(k_grid, (batch, budget.uniform_grid, dim))
+    grid = bin_values(num_bins)[jnp.minimum(num_bins * grid_u, num_bins - 1).astype(jnp.int32)]
     noise = noise_std * jax.random.normal(k_delta, (batch, budget.delta, dim)) * (jnp.arange(budget.delta) > 0)[:, None]
     around_delta = jnp.clip(delta[:, None, :] + noise, -1.0, 1.0)  # sample 0 is the predicted point itself
-    choice = jax.random.categorical(k_cat, logits[:, None], shape=(batch, budget.categorical, dim))
-    categorical = bin_values(num_bins)[choice]
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)[:, None, :, :-1]  # [B, 1, D, bins - 1]
+    cat_u = jax.random.uniform(k_cat, (batch, budget.categorical, dim, 1))
+    categorical = bin_values(num_bins)[(cat_u > cdf).sum(-1)]
     candidates = jnp.concatenate([uniform, grid, around_delta, categorical], axis=1)
     return snap_to_grid(candidates, num_bins) if discrete else candidates
 

@@ -113,6 +113,19 @@ def test_candidates_respect_bounds_sources_and_the_delta_point():
     assert set(np.unique(snapped)) <= {-1.0, 0.0, 1.0}
 
 
+def test_sampled_bins_follow_the_categorical_and_uniform_distributions():
+    logits = jax.random.normal(jax.random.PRNGKey(3), (2, 3, 4)) * 1.5  # 2 states, 3 dims, 4 bins
+    budget = q.Budget(0, 20_000, 0, 20_000)
+    c = q.sample_candidates(jax.random.PRNGKey(4), jnp.zeros((2, 3)), logits, budget, 0.1)
+    bins = np.asarray(q.bin_values(4))
+    index = np.abs(np.asarray(c)[..., None] - bins).argmin(-1)  # [2, 40000, 3]
+    grid, cat = index[:, :20_000], index[:, 20_000:]
+    for state, dim in itertools.product(range(2), range(3)):
+        np.testing.assert_allclose(np.bincount(grid[state, :, dim], minlength=4) / 20_000, 0.25, atol=0.012)
+        expected = np.exp(logits[state, dim]) / np.exp(logits[state, dim]).sum()
+        np.testing.assert_allclose(np.bincount(cat[state, :, dim], minlength=4) / 20_000, expected, atol=0.012)
+
+
 def test_source_fractions_count_the_winning_segments():
     budget = q.Budget(3, 2, 1, 4)  # indices 0-2 uniform, 3-4 grid, 5 delta, 6-9 categorical, 10 cached
     best = jnp.array([0, 2, 3, 5, 6, 9, 10, 10])
