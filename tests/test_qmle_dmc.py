@@ -242,6 +242,16 @@ def test_every_deepmind_control_suite_task_has_an_env_id():
     assert q.dmc_gym_id("Pendulum-v1") is None and q.dmc_gym_id("walker-wlak") is None
 
 
+def test_curriculum_phase_acts_on_the_bin_grid_only(model_and_params):
+    model, params = model_and_params
+    obs = np.ones(OBS_DIM, np.float32)
+    budget = q.Budget(45, 45, 1, 9)
+    for epsilon in (0.0, 1.0):  # greedy, then random
+        for key in jax.random.split(jax.random.PRNGKey(epsilon == 1.0), 4):
+            action, _ = q.select_action(model, params, obs, key, epsilon, budget, 0.1, discrete=True)
+            assert set(np.asarray(action).tolist()) <= {-1.0, 0.0, 1.0}
+
+
 # --- argument checking: one clear line, non-zero exit, no traceback ------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [
