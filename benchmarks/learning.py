@@ -134,15 +134,15 @@ def report(args: Args) -> None:
 
     fig, axes = plt.subplots(1, len(env_ids), figsize=(5 * len(env_ids), 3.6), squeeze=False)
     for ax, env_id in zip(axes[0], env_ids):
-        for name, curves in groups.items():
+        for colour, (name, curves) in enumerate(groups.items()):  # one colour per experiment in every panel
             runs = [pts for (env, _), pts in curves.items() if env == env_id]
             if not runs:
                 continue
             grid = np.arange(1000, min(pts[-1][0] for pts in runs) + 1, 1000)
             values = np.array([np.interp(grid, *zip(*pts)) for pts in runs])
             mean, sem = values.mean(0), values.std(0) / np.sqrt(len(runs))
-            ax.plot(grid, mean, label=f"{name} ({len(runs)} seeds)")
-            ax.fill_between(grid, mean - sem, mean + sem, alpha=0.25)
+            ax.plot(grid, mean, color=f"C{colour}", label=f"{name} ({len(runs)} seeds)")
+            ax.fill_between(grid, mean - sem, mean + sem, color=f"C{colour}", alpha=0.25)
         ax.set(title=env_id, xlabel="environment steps", ylabel="episodic return")
         ax.legend(fontsize=8)
     fig.tight_layout()
