@@ -1,13 +1,13 @@
-"""Speed of qmle_dmc.py at the paper's defaults, as ratios to this machine's float32 matmul.
+"""Speed of the agents (qmle_dmc.py, qtopt_cem.py) at their defaults, as ratios to this machine's matmul.
 
 In one process: the time of one float32 matmul of the update's largest shape (25,856 x 256 x 256), of the
-update's target evaluation (batch 256 x 101 candidates through the target Q), of one whole update call, of
-one greedy action (1000 candidates), and the training loop's steps per second, updates included. SPS is
-reported two ways: cumulative from the start of the loop with compilation and the 1000 warm-up steps in
+update's target evaluation (QMLE: batch 256 x 101 candidates through the target Q; QT-Opt: CEM, 256 x 64
+samples x 2 iterations, and the lagged Q at its arg-max), of one whole update call, of one greedy action,
+and the training loop's steps per second, updates included. SPS is reported two ways: cumulative from the start of the loop with compilation and the 1000 warm-up steps in
 it (how the authors' release prints it), and after compilation (the steady rate).
 
     python benchmarks/speed.py                      # walker-walk and dog-walk, prints a markdown table
-    python benchmarks/speed.py --env-ids dog-walk --output speed.json
+    python benchmarks/speed.py --agents qmle_dmc --env-ids dog-walk --output speed.json
 """
 
 import functools
@@ -29,6 +29,7 @@ import tyro
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import qmle_dmc as qmle  # noqa: E402
+import qtopt_cem as qtopt  # noqa: E402
 
 RELEASE_SPS = {"walker-walk": 117.0, "dog-walk": 93.0}  # ../shared/peers/qmle-release/README.md, 2-core CPU
 
@@ -37,6 +38,8 @@ RELEASE_SPS = {"walker-walk": 117.0, "dog-walk": 93.0}  # ../shared/peers/qmle-r
 class Args:
     env_ids: List[str] = field(default_factory=lambda: ["walker-walk", "dog-walk"])
     """tasks to measure"""
+    agents: List[str] = field(default_factory=lambda: ["qmle_dmc", "qtopt_cem"])
+    """agent scripts to measure (qmle_dmc, qtopt_cem)"""
     timesteps: int = 4000
     """environment steps of the timed training loop (the release's walker figure used 4000)"""
     repeats: int = 30
@@ -55,14 +58,14 @@ def median_ms(fn, *args, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def training_sps(env_id: str, timesteps: int) -> tuple:
-    """Run the real training loop; return (cumulative SPS, SPS after the first update's compilation)."""
+def training_sps(agent, env_id: str, timesteps: int) -> tuple:
+    """Run the agent's real training loop; return (cumulative SPS, SPS after the first update's compilation)."""
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
         os.chdir(tmp)
         try:
-            qmle.main(qmle.Args(env_id=env_id, total_timesteps=timesteps, eval_frequency=0, log_frequency=500,
-                                exp_name="speed"))
+            agent.main(agent.Args(env_id=env_id, total_timesteps=timesteps, eval_frequency=0, log_frequency=500,
+                                  exp_name="speed"))
             (path,) = glob.glob("runs/*/metrics.csv")
             rows = [r.split(",") for r in open(path).read().splitlines()]
         finally:
@@ -71,93 +74,129 @@ def training_sps(env_id: str, timesteps: int) -> tuple:
     sps = {int(r[0]): float(r[column]) for r in rows[1:] if r[column]}
     steps = sorted(sps)
     elapsed = {s: s / sps[s] for s in steps}  # cumulative SPS = step / seconds since the loop started
-    first = next(s for s in steps if s > qmle.Args.learning_starts + 500)  # past the update's compilation
+    first = next(s for s in steps if s > agent.Args.learning_starts + 500)  # past the update's compilation
     return sps[steps[-1]], (steps[-1] - first) / (elapsed[steps[-1]] - elapsed[first])
 
 
-def measure(env_id: str, args: Args, matmul_ms: float) -> dict:
-    defaults = qmle.Args(env_id=env_id)
-    env = qmle.make_env(env_id, 0)
-    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    model = qmle.QMLENetwork(action_dim, defaults.num_bins)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, obs_dim)), jnp.zeros((1, 1, action_dim)))
-    split = functools.partial(qmle.Budget.split, rho_uniform=defaults.rho_uniform, rho_delta=defaults.rho_delta,
-                              rho_categorical=defaults.rho_categorical)
-    target_budget, greedy_budget = split(defaults.m_target), split(defaults.m_greedy)
-    keys = jax.random.split(jax.random.PRNGKey(1), 4)
-    next_obs = jax.random.normal(keys[0], (defaults.batch_size, obs_dim))
-    prior = jax.random.uniform(keys[1], (defaults.batch_size, action_dim), minval=-1, maxval=1)
+# Multiply-adds of one Q evaluation, counted from the shared architecture (XLA's cost analysis counts a loop
+# body once, so it misses the chunking loop): per candidate the action stream, the action half of the joint
+# input layer, the joint output layer and the head; per state the observation stream and the observation
+# half of the joint input layer.
+def q_macs(obs_dim: int, action_dim: int, states: int, candidates: int) -> float:
+    per_candidate = action_dim * 128 + 128 * 256 + 256 * 256 + 256
+    return states * candidates * per_candidate + states * (obs_dim * 128 + 2 * 128 * 128 + 128 * 256)
 
-    target = jax.jit(functools.partial(qmle.target_argmax, model, budget=target_budget,
-                                       noise_std=defaults.delta_noise_std))
-    target_ms = median_ms(target, params, next_obs, prior, keys[2], repeats=args.repeats)
-    obs = np.asarray(next_obs[0])
-    act = functools.partial(qmle.select_action, model, params, obs, epsilon=0.0, budget=greedy_budget,
-                            noise_std=defaults.delta_noise_std)
-    act_ms = median_ms(lambda k: act(key=k), keys[3], repeats=10 * args.repeats)
+
+def qmle_parts(env_id, obs_dim, action_dim, batch, keys):
+    """What qmle_dmc.py times: its target arg-max, its greedy action, its update's arguments, its FLOPs."""
+    d = qmle.Args(env_id=env_id)
+    model = qmle.QMLENetwork(action_dim, d.num_bins)
+    params = jax.jit(model.init)(keys[0], jnp.zeros((1, obs_dim)), jnp.zeros((1, 1, action_dim)))
+    split = functools.partial(qmle.Budget.split, rho_uniform=d.rho_uniform, rho_delta=d.rho_delta,
+                              rho_categorical=d.rho_categorical)
+    target_budget, greedy_budget = split(d.m_target), split(d.m_greedy)
+    target = jax.jit(functools.partial(qmle.target_argmax, model, budget=target_budget, noise_std=d.delta_noise_std))
+    state = qmle.QMLEState.create(apply_fn=model.apply, params=params, target_params=params, tx=optax.adam(1e-4))
+    predictors = d.batch_size * 2 * (128 * 128) + d.batch_size * 128 * action_dim * (1 + d.num_bins)
+    return dict(
+        target=lambda k: target(params, batch["next_obs"], batch["argmax"], k),
+        act=lambda k: qmle.select_action(model, params, np.asarray(batch["obs"][0]), k, 0.0, greedy_budget,
+                                         d.delta_noise_std),
+        state=state, transitions=batch,
+        update=functools.partial(qmle.update, model, gamma=d.gamma, batch_size=d.batch_size, budget=target_budget,
+                                 noise_std=d.delta_noise_std, prioritized=True, alpha=d.priority_exponent,
+                                 beta=d.importance_exponent, priority_epsilon=d.priority_epsilon),
+        target_gflop=2 * (q_macs(obs_dim, action_dim, d.batch_size, sum(target_budget) + 1) + predictors) / 1e9)
+
+
+def qtopt_parts(env_id, obs_dim, action_dim, batch, keys):
+    """What qtopt_cem.py times: its clipped double-Q target with CEM, its CEM action, its update, its FLOPs."""
+    d = qtopt.Args(env_id=env_id)
+    model = qtopt.QNetwork(action_dim)
+    params = jax.jit(model.init)(keys[0], jnp.zeros((1, obs_dim)), jnp.zeros((1, 1, action_dim)))
+    cem = qtopt.CEM(d.cem_samples, d.cem_elites, d.cem_iterations, d.cem_min_std)
+    target = jax.jit(functools.partial(qtopt.clipped_double_q, model, cem=cem))
+    state = qtopt.QTOptState.create(apply_fn=model.apply, params=params, target_params=params, lagged_params=params,
+                                    tx=optax.adam(1e-4))
+    searched = q_macs(obs_dim, action_dim, d.batch_size, d.cem_samples * d.cem_iterations)
+    return dict(
+        target=lambda k: target(params, params, batch["next_obs"], k),
+        act=lambda k: qtopt.select_action(model, params, np.asarray(batch["obs"][0]), k, 0.0, cem),
+        state=state, transitions={k: v for k, v in batch.items() if k != "argmax"},
+        update=functools.partial(qtopt.update, model, gamma=d.gamma, batch_size=d.batch_size, cem=cem,
+                                 prioritized=True, alpha=d.priority_exponent, beta=d.importance_exponent,
+                                 priority_epsilon=d.priority_epsilon),
+        target_gflop=2 * (searched + q_macs(obs_dim, action_dim, d.batch_size, 1)) / 1e9)  # + the lagged Q at a*
+
+
+AGENTS = {"qmle_dmc": (qmle, qmle_parts), "qtopt_cem": (qtopt, qtopt_parts)}
+
+
+def measure(agent_name: str, env_id: str, args: Args, matmul_ms: float) -> dict:
+    agent, parts_of = AGENTS[agent_name]
+    env = agent.make_env(env_id, 0)
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    size = agent.Args.batch_size
+    actions = jax.random.uniform(keys[1], (size, action_dim), minval=-1, maxval=1)
+    observations = jax.random.normal(keys[2], (size, obs_dim))
+    batch = dict(obs=observations, action=actions, reward=jnp.ones(size), next_obs=observations,
+                 terminated=jnp.zeros(size), argmax=actions)
+    parts = parts_of(env_id, obs_dim, action_dim, batch, keys)
+    target_ms = median_ms(parts["target"], keys[3], repeats=args.repeats)
+    act_ms = median_ms(parts["act"], keys[3], repeats=10 * args.repeats)
 
     # One whole update against a full-size (1e6) buffer holding a few thousand random transitions.
-    state = qmle.QMLEState.create(apply_fn=model.apply, params=params, target_params=params,
-                                  tx=optax.adam(defaults.learning_rate))
-    chunk = dict(obs=next_obs, action=prior, reward=jnp.ones(defaults.batch_size), next_obs=next_obs,
-                 terminated=jnp.zeros(defaults.batch_size), argmax=prior)
-    buffer = qmle.buffer_init(jax.tree.map(lambda x: x[0], chunk), defaults.buffer_size)
+    transitions = parts["transitions"]
+    buffer = agent.buffer_init(jax.tree.map(lambda x: x[0], transitions), agent.Args.buffer_size)
     for _ in range(10):
-        buffer = qmle.buffer_add(buffer, chunk)
-    step = functools.partial(qmle.update, model, gamma=defaults.gamma, batch_size=defaults.batch_size,
-                             budget=target_budget, noise_std=defaults.delta_noise_std, prioritized=True,
-                             alpha=defaults.priority_exponent, beta=defaults.importance_exponent,
-                             priority_epsilon=defaults.priority_epsilon)
-    new = jax.tree.map(lambda x: x[: defaults.train_frequency], chunk)
-    state, buffer, _ = step(state, buffer, new, keys[0])
+        buffer = agent.buffer_add(buffer, transitions)
+    new = jax.tree.map(lambda x: x[: agent.Args.train_frequency], transitions)
+    state, buffer, _ = parts["update"](parts["state"], buffer, new, keys[0])
     jax.block_until_ready(buffer)
     times = []
     for i in range(args.repeats):
         start = time.perf_counter()
-        state, buffer, _ = step(state, buffer, new, jax.random.PRNGKey(i))
+        state, buffer, _ = parts["update"](state, buffer, new, jax.random.PRNGKey(i))
         jax.block_until_ready(buffer)
         times.append(time.perf_counter() - start)
     update_ms = 1e3 * float(np.median(times))
     del buffer
 
-    cumulative_sps, steady_sps = training_sps(env_id, args.timesteps)
-    # Multiply-adds of the target evaluation, counted from the architecture (XLA's cost analysis counts a
-    # loop body once, so it misses the chunking loop): per candidate the action stream, the action half of
-    # the joint input layer, the joint output layer and the head; per state the observation stream, the
-    # observation half of the joint input layer and both predictors.
-    candidates = defaults.batch_size * (sum(target_budget) + 1)
-    per_candidate = action_dim * 128 + 128 * 256 + 256 * 256 + 256
-    per_state = obs_dim * 128 + 2 * 128 * 128 + 128 * 256 + 2 * 128 * 128 + 128 * action_dim * (1 + defaults.num_bins)
-    target_gflop = 2 * (candidates * per_candidate + defaults.batch_size * per_state) / 1e9
+    cumulative_sps, steady_sps = training_sps(agent, env_id, args.timesteps)
     matmul_gflop = 2 * 25_856 * 256 * 256 / 1e9
-    return dict(env_id=env_id, action_dim=action_dim, obs_dim=obs_dim, matmul_ms=matmul_ms,
+    release = RELEASE_SPS.get(env_id)
+    return dict(agent=agent_name, env_id=env_id, action_dim=action_dim, obs_dim=obs_dim, matmul_ms=matmul_ms,
                 target_eval_ms=target_ms, target_eval_over_matmul=target_ms / matmul_ms, update_ms=update_ms,
-                update_over_matmul=update_ms / matmul_ms, target_eval_gflop=target_gflop,
-                target_eval_fraction_of_matmul_rate=(target_gflop / target_ms) / (matmul_gflop / matmul_ms),
+                update_over_matmul=update_ms / matmul_ms, target_eval_gflop=parts["target_gflop"],
+                target_eval_fraction_of_matmul_rate=(parts["target_gflop"] / target_ms) / (matmul_gflop / matmul_ms),
                 greedy_action_ms=act_ms, sps_cumulative=cumulative_sps, sps_after_compile=steady_sps,
-                release_sps=RELEASE_SPS.get(env_id), speedup_cumulative=cumulative_sps / RELEASE_SPS[env_id]
-                if env_id in RELEASE_SPS else None, speedup_after_compile=steady_sps / RELEASE_SPS[env_id]
-                if env_id in RELEASE_SPS else None)
+                release_sps=release, speedup_cumulative=cumulative_sps / release if release else None,
+                speedup_after_compile=steady_sps / release if release else None)
 
 
 def main(args: Args) -> None:
+    for name in args.agents:
+        if name not in AGENTS:
+            raise SystemExit(f"error: unknown agent {name!r}; choose from {', '.join(AGENTS)}")
     for env_id in args.env_ids:
         qmle.make_env(env_id, 0)  # unknown ids fail here, before anything is timed
     matmul = jax.jit(lambda x, w: x @ w)
     x, w = jax.random.normal(jax.random.PRNGKey(0), (25_856, 256)), jax.random.normal(jax.random.PRNGKey(1), (256, 256))
     results = []
-    for env_id in args.env_ids:
-        matmul_ms = median_ms(matmul, x, w, repeats=args.repeats)  # re-measured beside each task's timings
-        results.append(measure(env_id, args, matmul_ms))
+    for name in args.agents:
+        for env_id in args.env_ids:
+            matmul_ms = median_ms(matmul, x, w, repeats=args.repeats)  # re-measured beside each task's timings
+            results.append(measure(name, env_id, args, matmul_ms))
     info = dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), jax=jax.__version__,
                 device=str(jax.devices()[0]))
     print(f"\n{info}")
-    print("| task | matmul ms | target eval ms (x matmul) | update ms (x matmul) | target eval FLOP rate / matmul's | "
+    print("| agent | task | matmul ms | target eval ms (x matmul) | update ms (x matmul) | target eval FLOP rate / matmul's | "
           "greedy action ms | SPS cumulative (x release) | SPS after compile (x release) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         rel = lambda v: f" ({v:.2f}x)" if v else ""  # noqa: E731
-        print(f"| {r['env_id']} | {r['matmul_ms']:.1f} | {r['target_eval_ms']:.1f} ({r['target_eval_over_matmul']:.2f}x)"
+        print(f"| {r['agent']} | {r['env_id']} | {r['matmul_ms']:.1f} | {r['target_eval_ms']:.1f} ({r['target_eval_over_matmul']:.2f}x)"
               f" | {r['update_ms']:.1f} ({r['update_over_matmul']:.2f}x) | {r['target_eval_fraction_of_matmul_rate']:.2f}"
               f" | {r['greedy_action_ms']:.2f} | {r['sps_cumulative']:.0f}{rel(r['speedup_cumulative'])}"
               f" | {r['sps_after_compile']:.0f}{rel(r['speedup_after_compile'])} |")

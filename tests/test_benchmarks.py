@@ -77,3 +77,40 @@ def test_sweep_file_runs_the_same_grid_with_real_flags():
 def test_speed_benchmark_tasks_exist_with_their_action_sizes(env_id):
     env = q.make_env(env_id, 0)
     assert env.action_space.shape == {"walker-walk": (6,), "dog-walk": (38,)}[env_id]
+
+
+import speed  # noqa: E402
+
+
+def test_training_sps_reads_the_steady_rate_from_the_cumulative_log(monkeypatch):
+    # A loop that acts at 400 steps per second until step 1000, spends 10 s compiling the update, then runs
+    # at exactly 200 steps per second.
+    def fake_main(args):
+        os.makedirs("runs/x")
+        with open("runs/x/metrics.csv", "w") as f:
+            f.write("global_step,charts/SPS\n")
+            for step in range(500, args.total_timesteps + 1, 500):
+                seconds = step / 400 if step <= 1000 else 2.5 + 10 + (step - 1000) / 200
+                f.write(f"{step},{step / seconds}\n")
+
+    monkeypatch.setattr(q, "main", fake_main)
+    cumulative, steady = speed.training_sps(q, "walker-walk", 4000)
+    assert steady == pytest.approx(200.0)
+    assert cumulative == pytest.approx(4000 / (2.5 + 10 + 15))
+
+
+def test_speed_benchmark_times_both_agents_against_the_matmul(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(speed, "training_sps", lambda agent, env_id, steps: (117.0, 234.0))
+    output = tmp_path / "speed.json"
+    speed.main(speed.Args(env_ids=["walker-walk"], repeats=1, output=str(output)))
+    results = {r["agent"]: r for r in __import__("json").load(open(output))["results"]}
+    assert set(results) == {"qmle_dmc", "qtopt_cem"}
+    for r in results.values():
+        assert r["target_eval_over_matmul"] == pytest.approx(r["target_eval_ms"] / r["matmul_ms"])
+        assert 0 < r["target_eval_fraction_of_matmul_rate"] and r["greedy_action_ms"] > 0
+        assert r["speedup_after_compile"] == pytest.approx(2.0)  # 234 against the release's 117 on walker
+    # QMLE's target: 256 x 101 candidates, about 1.5 matmuls' worth of multiply-adds; QT-Opt's: 256 x 128
+    matmul_gflop = 2 * 25_856 * 256 * 256 / 1e9
+    assert 1.45 < results["qmle_dmc"]["target_eval_gflop"] / matmul_gflop < 1.6
+    assert 1.85 < results["qtopt_cem"]["target_eval_gflop"] / matmul_gflop < 2.0
+    assert "| qtopt_cem | walker-walk |" in capsys.readouterr().out
