@@ -1,7 +1,34 @@
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@jax.jit
+def q_reference(params, obs, actions):
+    """Appendix B.1's Q(s, a) for one state and [M, D] actions, written out from the raw parameters with the
+    concatenation the paper draws (no split layer, no chunking): the independent reference for both agents."""
+    p = params["params"]
+    relu, elu = jax.nn.relu, jax.nn.elu
+    dense = lambda name, x: x @ p[name]["kernel"] + p[name].get("bias", 0.0)  # noqa: E731
+
+    def norm(name, x):
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + 1e-6) * p[name]["scale"] + p[name]["bias"]
+
+    def block(name, x):
+        h = relu(x) @ p[name]["Dense_0"]["kernel"] + p[name]["Dense_0"]["bias"]
+        return x + relu(h) @ p[name]["Dense_1"]["kernel"] + p[name]["Dense_1"]["bias"]
+
+    o = elu(norm("obs_norm", block("obs_block", dense("obs_embed", obs))))
+    a = elu(norm("act_norm", dense("act_embed", actions)))
+    x = jnp.concatenate([jnp.broadcast_to(o, a.shape), a], -1)
+    w_in = jnp.concatenate([p["joint_in_obs"]["kernel"], p["joint_in_act"]["kernel"]], 0)
+    h = relu(relu(x) @ w_in + p["joint_in_obs"]["bias"]) @ p["joint_out"]["kernel"] + p["joint_out"]["bias"]
+    return dense("q_head", elu(norm("joint_norm", x + h)))[..., 0]

@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import qmle_dmc as q
-from conftest import ROOT
+from conftest import ROOT, q_reference
 
 OBS_DIM, ACTION_DIM = 5, 2
 
@@ -31,36 +31,13 @@ def model_and_params():
     return model, params
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def q_direct(model, params, obs, actions):
-    """Q(s, a) with the concatenation written out as Appendix B.1 draws it, from the raw parameters."""
-    p = params["params"]
-    dense = lambda name, x: x @ p[name]["kernel"] + p[name].get("bias", 0.0)  # noqa: E731
-
-    def norm(name, x):
-        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        return (x - mean) / jnp.sqrt(var + 1e-6) * p[name]["scale"] + p[name]["bias"]
-
-    def block(name, x):
-        h = nn_relu(x) @ p[name]["Dense_0"]["kernel"] + p[name]["Dense_0"]["bias"]
-        return x + nn_relu(h) @ p[name]["Dense_1"]["kernel"] + p[name]["Dense_1"]["bias"]
-
-    nn_relu, elu = jax.nn.relu, jax.nn.elu
-    o = elu(norm("obs_norm", block("obs_block", dense("obs_embed", obs))))
-    a = elu(norm("act_norm", dense("act_embed", actions)))
-    x = jnp.concatenate([jnp.broadcast_to(o, a.shape), a], -1)
-    w_in = jnp.concatenate([p["joint_in_obs"]["kernel"], p["joint_in_act"]["kernel"]], 0)
-    h = nn_relu(nn_relu(x) @ w_in + p["joint_in_obs"]["bias"]) @ p["joint_out"]["kernel"] + p["joint_out"]["bias"]
-    return dense("q_head", elu(norm("joint_norm", x + h)))[..., 0]
-
-
 def test_split_joint_layer_equals_the_network_on_the_concatenation(model_and_params):
     model, params = model_and_params
     obs = jax.random.normal(jax.random.PRNGKey(1), (OBS_DIM,))
     actions = jax.random.uniform(jax.random.PRNGKey(2), (7, ACTION_DIM), minval=-1, maxval=1)
     embedding = model.apply(params, obs, method=q.QMLENetwork.observation_stream)
     ours = model.apply(params, embedding, actions, method=q.QMLENetwork.q_values)
-    np.testing.assert_allclose(ours, q_direct(model, params, obs, actions), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours, q_reference(params, obs, actions), rtol=1e-4, atol=1e-5)
 
 
 def test_chunked_candidate_evaluation_equals_one_pass(model_and_params):
@@ -136,13 +113,13 @@ def test_target_argmax_matches_brute_force_on_a_small_discrete_space(model_and_p
     model, params = model_and_params
     next_obs = jax.random.normal(jax.random.PRNGKey(5), (4, OBS_DIM))
     grid = jnp.array(list(itertools.product([-1.0, 0.0, 1.0], repeat=ACTION_DIM)))  # all 9 grid actions
-    brute = jax.vmap(lambda o: q_direct(model, params, o, grid))(next_obs)
+    brute = jax.vmap(lambda o: q_reference(params, o, grid))(next_obs)
     # On the grid, 300 candidates cover all 9 actions (miss chance < 1e-14 per state).
     budget = q.Budget(0, 200, 10, 90)
     prior = jnp.full((4, ACTION_DIM), 0.5)  # off the grid, so it can only win when it is the true max
     target_argmax = jax.jit(q.target_argmax, static_argnums=(0, 5, 6, 7))
     argmax, value, best = target_argmax(model, params, next_obs, prior, jax.random.PRNGKey(6), budget, 0.1, True)
-    prior_q = jax.vmap(lambda o, p: q_direct(model, params, o, p[None])[0])(next_obs, prior)
+    prior_q = jax.vmap(lambda o, p: q_reference(params, o, p[None])[0])(next_obs, prior)
     expected = jnp.maximum(brute.max(1), prior_q)
     np.testing.assert_allclose(value, expected, rtol=1e-4, atol=1e-5)
     for i in range(4):
@@ -184,7 +161,7 @@ def test_td_errors_written_back_as_priorities_match_a_hand_computation(model_and
     _, buffer, metrics = q.update(model, state, buffer, chunk, jax.random.PRNGKey(0), gamma=gamma, batch_size=16,
                                   budget=q.Budget(0, 0, 0, 0), noise_std=0.1, prioritized=True, alpha=alpha,
                                   beta=0.2, priority_epsilon=eps)
-    pairwise = jax.vmap(lambda o, a: q_direct(model, params, o, a[None])[0])
+    pairwise = jax.vmap(lambda o, a: q_reference(params, o, a[None])[0])
     next_q, now_q = pairwise(chunk["next_obs"], chunk["argmax"]), pairwise(chunk["obs"], chunk["action"])
     td_error = chunk["reward"] + gamma * (1 - terminated) * next_q - now_q
     np.testing.assert_allclose(buffer.tree[8:12], (np.abs(td_error) + eps) ** alpha, rtol=1e-4)
@@ -225,7 +202,7 @@ def test_select_action_is_greedy_over_its_candidates_or_random(model_and_params)
     logits = model.apply(params, e, method=q.QMLENetwork.categorical_logits)
     k_candidates = jax.random.split(jax.random.PRNGKey(0), 3)[0]  # select_action's own split
     candidates = q.sample_candidates(k_candidates, delta, logits, budget, 0.1)[0]
-    values = q_direct(model, params, obs, candidates)
+    values = q_reference(params, obs, candidates)
     assert int(best) == int(values.argmax())
     np.testing.assert_allclose(action, candidates[int(best)])
     randoms = [q.select_action(model, params, obs, k, 1.0, budget, 0.1) for k in jax.random.split(jax.random.PRNGKey(1), 5)]

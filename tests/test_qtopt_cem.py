@@ -16,7 +16,7 @@ import pytest
 
 import qmle_dmc
 import qtopt_cem as q
-from conftest import ROOT
+from conftest import ROOT, q_reference
 
 OBS_DIM, ACTION_DIM = 5, 2
 
@@ -31,29 +31,6 @@ def init_params(seed):
     return MODEL, _init(jax.random.PRNGKey(seed), jnp.zeros((1, OBS_DIM)), jnp.zeros((1, 1, ACTION_DIM)))
 
 
-@jax.jit
-def q_direct(params, obs, actions):
-    """Q(s, a) for one state and [M, D] actions, with the concatenation written out, from the raw parameters."""
-    p = params["params"]
-    dense = lambda name, x: x @ p[name]["kernel"] + p[name].get("bias", 0.0)  # noqa: E731
-
-    def norm(name, x):
-        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        return (x - mean) / jnp.sqrt(var + 1e-6) * p[name]["scale"] + p[name]["bias"]
-
-    def block(name, x):
-        h = relu(x) @ p[name]["Dense_0"]["kernel"] + p[name]["Dense_0"]["bias"]
-        return x + relu(h) @ p[name]["Dense_1"]["kernel"] + p[name]["Dense_1"]["bias"]
-
-    relu, elu = jax.nn.relu, jax.nn.elu
-    o = elu(norm("obs_norm", block("obs_block", dense("obs_embed", obs))))
-    a = elu(norm("act_norm", dense("act_embed", actions)))
-    x = jnp.concatenate([jnp.broadcast_to(o, a.shape), a], -1)
-    w_in = jnp.concatenate([p["joint_in_obs"]["kernel"], p["joint_in_act"]["kernel"]], 0)
-    h = relu(relu(x) @ w_in + p["joint_in_obs"]["bias"]) @ p["joint_out"]["kernel"] + p["joint_out"]["bias"]
-    return dense("q_head", elu(norm("joint_norm", x + h)))[..., 0]
-
-
 QMLE = qmle_dmc.QMLENetwork(ACTION_DIM, num_bins=3)
 
 
@@ -64,7 +41,7 @@ def q_four_ways(params, qmle_params, obs, actions):
     embedding = MODEL.apply(params, obs, method=q.QNetwork.observation_stream)
     chunked = q.q_over_candidates(MODEL, params, embedding, actions, states_per_chunk=2)  # 2 does not divide 3
     return (MODEL.apply(params, obs, actions), MODEL.apply(shared, obs, actions),
-            QMLE.apply(qmle_params, obs, actions)[0], jax.vmap(q_direct, (None, 0, 0))(params, obs, actions), chunked)
+            QMLE.apply(qmle_params, obs, actions)[0], jax.vmap(q_reference, (None, 0, 0))(params, obs, actions), chunked)
 
 
 def test_q_network_is_qmle_dmc_s_q_without_the_predictors():
@@ -127,7 +104,7 @@ def test_select_action_is_cem_s_argmax_or_random():
     cem = q.CEM(32, 4, 3, 0.01)
     action, std = q.select_action(model, params, obs, jax.random.PRNGKey(0), 0.0, cem)
     k_cem = jax.random.split(jax.random.PRNGKey(0), 3)[0]  # select_action's own split
-    direct = lambda a: q_direct(params, obs, a[0])[None]  # noqa: E731
+    direct = lambda a: q_reference(params, obs, a[0])[None]  # noqa: E731
     cem_maximise = jax.jit(q.cem_maximise, static_argnums=(0, 2, 3, 4))
     expected, _, expected_std, _ = cem_maximise(direct, k_cem, 1, ACTION_DIM, cem)
     np.testing.assert_allclose(action, expected[0], atol=1e-6)
@@ -143,8 +120,8 @@ TD_CEM = q.CEM(16, 4, 2, 0.01)
 
 @functools.partial(jax.jit, static_argnums=(5,))
 def hand_td_errors(online, target1, target2, batch, key, cem, gamma):
-    """r + gamma (1 - d) min(Q1, Q2)(s', a*) - Q(s, a), with a* CEM's arg-max of Q1 evaluated by q_direct."""
-    per_state = jax.vmap(q_direct, (None, 0, 0))
+    """r + gamma (1 - d) min(Q1, Q2)(s', a*) - Q(s, a), with a* CEM's arg-max of Q1 evaluated by q_reference."""
+    per_state = jax.vmap(q_reference, (None, 0, 0))
     argmax = q.cem_maximise(lambda a: per_state(target1, batch["next_obs"], a), key, batch["obs"].shape[0],
                             ACTION_DIM, cem)[0]
     q1, q2 = (per_state(p, batch["next_obs"], argmax[:, None])[:, 0] for p in (target1, target2))
