@@ -7,6 +7,8 @@ report the last-10-episode returns against the authors' release with a learning-
     python benchmarks/learning.py print --env-ids cartpole-swingup walker-walk --seeds 1 2 3
     # table (markdown) + curves CSV + plot from what the runs wrote, against ../shared/peers/qmle-release
     python benchmarks/learning.py report --exp-names qmle_dmc --output-dir docs
+    # the floor: returns of uniformly random actions (10 episodes per seed)
+    python benchmarks/learning.py random --env-ids cartpole-swingup walker-walk
 Extra flags go to every training command as one string: --extra="--target-network-frequency 2000".
 """
 
@@ -30,8 +32,9 @@ RELEASE_CURVES = os.path.join(ROOT, "..", "shared", "peers", "qmle-release", "cu
 
 @dataclass
 class Args:
-    mode: tyro.conf.Positional[Literal["run", "print", "report"]]
-    """run: train locally; print: emit the commands; report: table and plot from runs/"""
+    mode: tyro.conf.Positional[Literal["run", "print", "report", "random"]]
+    """run: train locally; print: emit the commands; report: table and plot from runs/; random: the returns of
+    uniformly random actions, the floor that "it learns" is judged against"""
     env_ids: List[str] = field(default_factory=lambda: ["cartpole-swingup", "walker-walk"])
     """tasks of the grid"""
     seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
@@ -57,7 +60,7 @@ class Args:
     output_dir: str = "docs"
     """report mode: where learning_curves.csv and learning_curves.png go"""
     last_episodes: int = 10
-    """report mode: episodes averaged at the end of each run"""
+    """report mode: episodes averaged at the end of each run; random mode: episodes per task and seed"""
 
 
 def commands(args: Args) -> List[List[str]]:
@@ -150,11 +153,34 @@ def report(args: Args) -> None:
     print(f"wrote {args.output_dir}/learning_curves.csv and learning_curves.png")
 
 
+def random_returns(args: Args) -> dict:
+    """Mean return of uniformly random actions over `last_episodes` episodes per seed, per task."""
+    sys.path.insert(0, ROOT)
+    import qmle_dmc
+
+    means = {}
+    for env_id in args.env_ids:
+        returns = []
+        for seed in args.seeds:
+            env = qmle_dmc.make_env(env_id, seed)
+            env.reset(seed=seed)
+            while len(returns) < args.last_episodes * (args.seeds.index(seed) + 1):
+                _, _, terminated, truncated, info = env.step(env.action_space.sample())
+                if terminated or truncated:
+                    returns.append(float(info["episode"]["r"]))
+                    env.reset()
+        means[env_id] = float(np.mean(returns))
+        print(f"| {env_id} | uniformly random actions | {len(returns)} episodes | {means[env_id]:.1f} |")
+    return means
+
+
 def main(args: Args) -> None:
     if args.mode == "print":
         print("\n".join(shlex.join(c) for c in commands(args)))
     elif args.mode == "run":
         run(args)
+    elif args.mode == "random":
+        random_returns(args)
     else:
         report(args)
 

@@ -114,3 +114,10 @@ def test_speed_benchmark_times_both_agents_against_the_matmul(monkeypatch, tmp_p
     assert 1.45 < results["qmle_dmc"]["target_eval_gflop"] / matmul_gflop < 1.6
     assert 1.85 < results["qtopt_cem"]["target_eval_gflop"] / matmul_gflop < 2.0
     assert "| qtopt_cem | walker-walk |" in capsys.readouterr().out
+
+
+def test_random_floor_is_the_mean_return_of_random_actions(capsys):
+    means = learning.random_returns(learning.Args(mode="random", env_ids=["Pendulum-v1"], seeds=[1, 2], last_episodes=3))
+    # Random torques leave the pendulum swinging: about -1200 per 200-step episode, never near 0.
+    assert -1800 < means["Pendulum-v1"] < -800
+    assert "| Pendulum-v1 | uniformly random actions | 6 episodes |" in capsys.readouterr().out
