@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import jax
@@ -8,6 +9,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def run_script(script, *flags, cwd=None, env=None, timeout=600):
+    """Run one of the project's scripts as a user would, capturing what it prints."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @jax.jit

@@ -2,18 +2,14 @@
 candidate set, the documented outcomes on fixed seeds (asserted on the JSON), and clean failures on bad input."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import bandit_illustration as bi  # noqa: E402
+import bandit_illustration as bi
 
 
 def np_softmax(x):
@@ -132,8 +128,7 @@ def test_documented_outcomes_on_fixed_seeds(results):
     (["--output-dir", "/nonexistent-parent-dir/figures"], "does not exist"),
 ])
 def test_bad_arguments_fail_with_one_line(argv, message):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bandit_illustration.py"), *argv],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script("bandit_illustration.py", *argv, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -3,18 +3,14 @@ arg-max targets against brute force, the documented outcomes on fixed seeds (ass
 failures on bad input."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import climbing_game as cg  # noqa: E402
+import climbing_game as cg
 
 TABLE = [[11, -30, 0], [-30, 7, 6], [0, 0, 5]]  # Claus & Boutilier (1998), rows agent 1, columns agent 2
 THIRDS = [(-1.0, -1 / 3), (-1 / 3, 1 / 3), (1 / 3, 1.0)]
@@ -101,8 +97,7 @@ def test_documented_outcomes_on_fixed_seeds(results):
     (["--output-dir", "/nonexistent-parent-dir/figures"], "does not exist"),
 ])
 def test_bad_arguments_fail_with_one_line(argv, message):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "climbing_game.py"), *argv],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script("climbing_game.py", *argv, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

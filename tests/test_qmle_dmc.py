@@ -7,8 +7,6 @@ import itertools
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import flax
 import imageio
@@ -19,7 +17,7 @@ import optax
 import pytest
 
 import qmle_dmc as q
-from conftest import ROOT, q_reference
+from conftest import q_reference, run_script
 
 OBS_DIM, ACTION_DIM = 5, 2
 
@@ -247,21 +245,16 @@ def test_bad_arguments_are_rejected_with_one_line(overrides, message):
     assert text.startswith("error: ") and message in text and "\n" not in text
 
 
-def run_script(*flags, cwd, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "qmle_dmc.py"), *flags], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_unknown_env_and_bad_budget_exit_cleanly_from_the_command_line(tmp_path):
     for flags, expected in [(["--env-id", "walker-wlak"], "error: unknown --env-id 'walker-wlak'"),
                             (["--env-id", "CartPole-v1"], "has Discrete actions"),
                             (["--m-target", "0"], "error: --m-target must be >= 1, got 0")]:
-        result = run_script(*flags, cwd=tmp_path)
+        result = run_script("qmle_dmc.py", *flags, cwd=tmp_path)
         assert result.returncode != 0
         assert "Traceback" not in result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0]
-    assert "dog-walk" in run_script("--env-id", "nope", cwd=tmp_path).stderr  # the valid ids are listed
+    assert "dog-walk" in run_script("qmle_dmc.py", "--env-id", "nope", cwd=tmp_path).stderr  # the valid ids are listed
 
 
 # --- whole runs ----------------------------------------------------------------------------------------------
@@ -282,7 +275,7 @@ def read_metrics(run_dir):
 
 
 def test_smoke_run_writes_metrics_and_a_model_that_loads(tmp_path):
-    result = run_script("--save-model", *smoke_flags("cartpole-swingup"), cwd=tmp_path)
+    result = run_script("qmle_dmc.py", "--save-model", *smoke_flags("cartpole-swingup"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "cartpole-swingup__qmle_dmc__1__*"))
     rows = read_metrics(run_dir)
@@ -301,7 +294,7 @@ def test_smoke_run_writes_metrics_and_a_model_that_loads(tmp_path):
     template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)), jnp.zeros((1, 1, 1)))
     loaded = flax.serialization.from_bytes(template, open(model_path, "rb").read())
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(template)))
-    evaluation = run_script("--env-id", "cartpole-swingup", "--load-model", model_path, cwd=tmp_path)
+    evaluation = run_script("qmle_dmc.py", "--env-id", "cartpole-swingup", "--load-model", model_path, cwd=tmp_path)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert "greedy return over 1 episode(s)" in evaluation.stdout
 
@@ -310,7 +303,7 @@ def test_seeds_reproduce_on_a_gymnasium_task(tmp_path):
     flags = smoke_flags("Pendulum-v1", total_timesteps=400, eval_frequency=0)  # two 200-step episodes
     for run in ("a", "b"):
         os.makedirs(tmp_path / run)
-        assert run_script(*flags, cwd=tmp_path / run).returncode == 0
+        assert run_script("qmle_dmc.py", *flags, cwd=tmp_path / run).returncode == 0
     rows = [read_metrics(glob.glob(str(tmp_path / run / "runs" / "*"))[0]) for run in ("a", "b")]
     returns = [[r["charts/episodic_return"] for r in rs if r["charts/episodic_return"]] for rs in rows]
     losses = [[r["losses/td_loss"] for r in rs if r["losses/td_loss"]] for rs in rows]
@@ -343,7 +336,7 @@ def wandb_history(path):
 
 def test_track_sends_the_metrics_to_a_wandb_run(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
-    result = run_script("--track", "--wandb-project-name", "qmle-test",
+    result = run_script("qmle_dmc.py", "--track", "--wandb-project-name", "qmle-test",
                         *smoke_flags("Pendulum-v1", total_timesteps=400, eval_frequency=200), cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))

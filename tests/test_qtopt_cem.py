@@ -4,8 +4,6 @@ import csv
 import functools
 import glob
 import os
-import subprocess
-import sys
 
 import flax
 import jax
@@ -16,7 +14,7 @@ import pytest
 
 import qmle_dmc
 import qtopt_cem as q
-from conftest import ROOT, q_reference
+from conftest import q_reference, run_script
 
 OBS_DIM, ACTION_DIM = 5, 2
 
@@ -189,15 +187,10 @@ def test_bad_arguments_are_rejected_with_one_line(overrides, message):
     assert text.startswith("error: ") and message in text and "\n" not in text
 
 
-def run_script(*flags, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "qtopt_cem.py"), *flags], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_unknown_env_and_bad_cem_budget_exit_cleanly_from_the_command_line(tmp_path):
     for flags, expected in [(["--env-id", "walker-wlak"], "error: unknown --env-id 'walker-wlak'"),
                             (["--cem-samples", "4"], "error: --cem-elites must be <= --cem-samples (4), got 6")]:
-        result = run_script(*flags, cwd=tmp_path)
+        result = run_script("qtopt_cem.py", *flags, cwd=tmp_path)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0]
@@ -214,7 +207,7 @@ def test_smoke_run_writes_metrics_and_a_model_that_loads(tmp_path):
     flags = ["--env-id", "cartpole-swingup"]
     for name, value in SMOKE.items():
         flags += [f"--{name.replace('_', '-')}", str(value)]
-    result = run_script("--save-model", *flags, cwd=tmp_path)
+    result = run_script("qtopt_cem.py", "--save-model", *flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "cartpole-swingup__qtopt_cem__1__*"))
     rows = list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
@@ -238,6 +231,6 @@ def test_smoke_run_writes_metrics_and_a_model_that_loads(tmp_path):
     template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)), jnp.zeros((1, 1, 1)))
     loaded = flax.serialization.from_bytes(template, open(model_path, "rb").read())
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(template)))
-    evaluation = run_script("--env-id", "cartpole-swingup", "--load-model", model_path, cwd=tmp_path)
+    evaluation = run_script("qtopt_cem.py", "--env-id", "cartpole-swingup", "--load-model", model_path, cwd=tmp_path)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert "greedy return over 1 episode(s)" in evaluation.stdout
