@@ -164,11 +164,13 @@ def random_returns(args: Args) -> dict:
         for seed in args.seeds:
             env = qmle_dmc.make_env(env_id, seed)
             env.reset(seed=seed)
-            while len(returns) < args.last_episodes * (args.seeds.index(seed) + 1):
-                _, _, terminated, truncated, info = env.step(env.action_space.sample())
-                if terminated or truncated:
-                    returns.append(float(info["episode"]["r"]))
-                    env.reset()
+            for _ in range(args.last_episodes):
+                done = False
+                while not done:
+                    _, _, terminated, truncated, info = env.step(env.action_space.sample())
+                    done = terminated or truncated
+                returns.append(float(info["episode"]["r"]))
+                env.reset()
         means[env_id] = float(np.mean(returns))
         print(f"| {env_id} | uniformly random actions | {len(returns)} episodes | {means[env_id]:.1f} |")
     return means
