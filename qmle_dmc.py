@@ -552,10 +552,13 @@ def main(args: Args) -> None:
             obs, _ = env.reset()
 
         if slot == args.train_frequency - 1:
+            # A copy: on CPU, jax may read a numpy argument in place after the call has returned (asynchronous
+            # dispatch), and `pending` is overwritten from the next step on.
+            chunk = {k: v.copy() for k, v in pending.items()}
             if global_step >= args.learning_starts:
-                state, buffer, train_metrics = train(state, buffer, pending, k_update, discrete=discrete)
+                state, buffer, train_metrics = train(state, buffer, chunk, k_update, discrete=discrete)
             else:
-                buffer = store(buffer, pending)
+                buffer = store(buffer, chunk)
         if global_step % args.target_network_frequency == 0:
             state = state.replace(target_params=state.params)
 

@@ -488,10 +488,13 @@ def main(args: Args) -> None:
             obs, _ = env.reset()
 
         if slot == args.train_frequency - 1:
+            # A copy: on CPU, jax may read a numpy argument in place after the call has returned (asynchronous
+            # dispatch), and `pending` is overwritten from the next step on.
+            chunk = {k: v.copy() for k, v in pending.items()}
             if global_step >= args.learning_starts:
-                state, buffer, train_metrics = train(state, buffer, pending, k_update)
+                state, buffer, train_metrics = train(state, buffer, chunk, k_update)
             else:
-                buffer = store(buffer, pending)
+                buffer = store(buffer, chunk)
         # Two lagged target networks, as hard copies: at every copy the first target hands its parameters to
         # the second and takes the online ones, so the first is 0 to T steps old and the second T to 2T (T =
         # the period). (TF-Agents keeps three: CEM's arg-max under one, the min over two copies lagging it.)

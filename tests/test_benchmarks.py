@@ -99,12 +99,12 @@ def test_training_sps_reads_the_steady_rate_from_the_cumulative_log(monkeypatch)
     assert cumulative == pytest.approx(4000 / (2.5 + 10 + 15))
 
 
-def test_speed_benchmark_times_both_agents_against_the_matmul(monkeypatch, tmp_path, capsys):
+def test_speed_benchmark_times_every_agent_against_the_matmul(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(speed, "training_sps", lambda agent, env_id, steps: (117.0, 234.0))
     output = tmp_path / "speed.json"
     speed.main(speed.Args(env_ids=["walker-walk"], repeats=1, output=str(output)))
     results = {r["agent"]: r for r in __import__("json").load(open(output))["results"]}
-    assert set(results) == {"qmle_dmc", "qtopt_cem"}
+    assert set(results) == {"qmle_dmc", "qtopt_cem", "aql_discrete"}
     for r in results.values():
         assert r["target_eval_over_matmul"] == pytest.approx(r["target_eval_ms"] / r["matmul_ms"])
         assert 0 < r["target_eval_fraction_of_matmul_rate"] and r["greedy_action_ms"] > 0
@@ -113,6 +113,8 @@ def test_speed_benchmark_times_both_agents_against_the_matmul(monkeypatch, tmp_p
     matmul_gflop = 2 * 25_856 * 256 * 256 / 1e9
     assert 1.45 < results["qmle_dmc"]["target_eval_gflop"] / matmul_gflop < 1.6
     assert 1.85 < results["qtopt_cem"]["target_eval_gflop"] / matmul_gflop < 2.0
+    # AQL's: 256 x 500 candidates (about 7.5 matmuls) plus 100 proposal samples of 6 sub-actions per state
+    assert 7.4 < results["aql_discrete"]["target_eval_gflop"] / matmul_gflop < 7.9
     assert "| qtopt_cem | walker-walk |" in capsys.readouterr().out
 
 
@@ -121,3 +123,11 @@ def test_random_floor_is_the_mean_return_of_random_actions(capsys):
     # Random torques leave the pendulum swinging: about -1200 per 200-step episode, never near 0.
     assert -1800 < means["Pendulum-v1"] < -800
     assert "| Pendulum-v1 | uniformly random actions | 6 episodes |" in capsys.readouterr().out
+
+
+def test_wolpertinger_speed_splits_a_training_step_into_its_parts():
+    r = speed.measure_wolpertinger(1000, speed.Args(repeats=1), matmul_ms=2.0)
+    assert (r["num_actions"], r["k"]) == (1000, 100)  # Pendulum's 1-D grid, k = 10% of the actions
+    assert r["step_ms"] == pytest.approx(r["act_ms"] + r["env_step_ms"] + r["update_ms"])  # one update per step
+    assert r["knn_share_of_step"] == pytest.approx(r["knn_ms"] / r["step_ms"]) and 0 < r["knn_share_of_step"] < 1
+    assert r["act_over_matmul"] == pytest.approx(r["act_ms"] / 2.0)
