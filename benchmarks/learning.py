@@ -21,7 +21,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import List, Literal
+from typing import List, Literal, Optional
 
 import numpy as np
 import tyro
@@ -61,6 +61,12 @@ class Args:
     """report mode: where learning_curves.csv and learning_curves.png go"""
     last_episodes: int = 10
     """report mode: episodes averaged at the end of each run; random mode: episodes per task and seed"""
+    metrics: List[str] = field(default_factory=list)
+    """report mode: further logged columns (e.g. charts/amortisation_gap) to average over each run's last
+    --last-episodes logged values"""
+    reach: List[str] = field(default_factory=list)
+    """report mode: bars as ENV_ID=RETURN (e.g. Pendulum-v1=-200): per run, the first step at which the mean
+    of the last --last-episodes episodes reaches the bar"""
 
 
 def commands(args: Args) -> List[List[str]]:
@@ -95,11 +101,30 @@ def read_runs(runs_dir: str, exp_name: str) -> dict:
     return curves
 
 
+def read_metric(runs_dir: str, exp_name: str, column: str) -> dict:
+    """{(env_id, seed): [(step, value), ...]} of one logged column, rows where it is empty skipped."""
+    series = {}
+    for path in sorted(glob.glob(os.path.join(runs_dir, f"*__{exp_name}__*__*", "metrics.csv"))):
+        env_id, _, seed, _ = os.path.basename(os.path.dirname(path)).split("__")
+        rows = [r for r in csv.DictReader(open(path)) if r.get(column)]
+        series[(env_id, int(seed))] = [(int(r["global_step"]), float(r[column])) for r in rows]
+    return series
+
+
 def read_release(path: str) -> dict:
     curves = defaultdict(list)
     for r in csv.DictReader(open(path)):
         curves[(r["env_id"], int(r["seed"]))].append((int(r["step"]), float(r["episodic_return"])))
     return dict(curves)
+
+
+def first_reach(points: list, bar: float, window: int) -> Optional[int]:
+    """The step of the first episode whose window of the last `window` episodes averages at least `bar`."""
+    returns = [r for _, r in points]
+    for i in range(window - 1, len(points)):
+        if np.mean(returns[i - window + 1: i + 1]) >= bar:
+            return points[i][0]
+    return None
 
 
 def report(args: Args) -> None:
@@ -134,6 +159,21 @@ def report(args: Args) -> None:
             per_seed = ", ".join(f"{seed}: {v:.1f}" for seed, (_, v) in finals.items())
             steps = min(s for s, _ in finals.values())
             print(f"| {env_id} | {name} | {steps} | {per_seed} | {mean:.1f} | {ratio} |")
+
+    for metric in args.metrics:
+        for name in args.exp_names:
+            for (env_id, seed), values in sorted(read_metric(args.runs_dir, name, metric).items()):
+                if values:
+                    last = [v for _, v in values[-args.last_episodes:]]
+                    print(f"| {env_id} | {name} | seed {seed} | {metric}, last {len(last)} logged values "
+                          f"(steps {values[-len(last)][0]}-{values[-1][0]}) | {np.mean(last):.4f} |")
+    for bar in args.reach:
+        env_id, value = bar.rsplit("=", 1)
+        for name in args.exp_names:
+            firsts = {seed: first_reach(pts, float(value), args.last_episodes)
+                      for (env, seed), pts in sorted(groups[name].items()) if env == env_id}
+            print(f"| {env_id} | {name} | last-{args.last_episodes} mean >= {value} first at step | "
+                  + ", ".join(f"{seed}: {step if step else 'never'}" for seed, step in firsts.items()) + " |")
 
     fig, axes = plt.subplots(1, len(env_ids), figsize=(5 * len(env_ids), 3.6), squeeze=False)
     for ax, env_id in zip(axes[0], env_ids):

@@ -50,8 +50,12 @@ def test_report_averages_the_last_episodes_against_the_release(tmp_path, capsys)
         writer.writerow(["env_id", "seed", "step", "episodic_return"])
         writer.writerows(["walker-walk", 1, 1000 * (i + 1), 40.0] for i in range(30))
     learning.report(learning.Args(mode="report", runs_dir=str(runs), exp_names=["mine"],
-                                  release_curves=str(release), output_dir=str(tmp_path / "out"), last_episodes=10))
+                                  release_curves=str(release), output_dir=str(tmp_path / "out"), last_episodes=10,
+                                  metrics=["charts/SPS"], reach=["walker-walk=25"]))
     table = capsys.readouterr().out
+    assert "| walker-walk | mine | seed 1 | charts/SPS, last 10 logged values (steps 21001-30001) | 100.0000 |" in table
+    # seed 1 ends at 24.5 (20..29), never 25; seed 2 first at its 21st episode (returns 21..30, mean 25.5)
+    assert "| walker-walk | mine | last-10 mean >= 25 first at step | 1: never, 2: 21000 |" in table
     # seed 1: mean of 20..29 = 24.5; seed 2: 34.5; mean 29.5; release 40 -> 74%
     assert "| walker-walk | mine | 30000 | 1: 24.5, 2: 34.5 | 29.5 | 74% |" in table
     assert "| walker-walk | release | 30000 | 1: 40.0 | 40.0 | 100% |" in table
@@ -131,3 +135,11 @@ def test_wolpertinger_speed_splits_a_training_step_into_its_parts():
     assert r["step_ms"] == pytest.approx(r["act_ms"] + r["env_step_ms"] + r["update_ms"])  # one update per step
     assert r["knn_share_of_step"] == pytest.approx(r["knn_ms"] / r["step_ms"]) and 0 < r["knn_share_of_step"] < 1
     assert r["act_over_matmul"] == pytest.approx(r["act_ms"] / 2.0)
+
+
+def test_reach_is_the_first_step_whose_trailing_window_meets_the_bar():
+    points = [(200 * (i + 1), r) for i, r in enumerate([-900, -300, -100, -150, -250, -120])]
+    # trailing means of 3: -433, -183 (step 800), -167, -173
+    assert learning.first_reach(points, -200, 3) == 800
+    assert learning.first_reach(points, -160, 3) is None
+    assert learning.first_reach(points, -100, 1) == 600
