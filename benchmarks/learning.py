@@ -143,7 +143,7 @@ def report(args: Args) -> None:
             for (env_id, seed), points in sorted(curves.items()):
                 writer.writerows([name, env_id, seed, s, r] for s, r in points)
 
-    env_ids = sorted({env for curves in groups.values() for env, _ in curves})
+    env_ids = sorted({env for name in args.exp_names for env, _ in groups[name]})  # release-only tasks left out
     print(f"| task | experiment | steps | last-{args.last_episodes}-episode return per seed | mean | vs release |")
     print("|---|---|---|---|---|---|")
     release_mean = {}

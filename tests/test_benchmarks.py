@@ -106,7 +106,7 @@ def test_training_sps_reads_the_steady_rate_from_the_cumulative_log(monkeypatch)
 def test_speed_benchmark_times_every_agent_against_the_matmul(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(speed, "training_sps", lambda agent, env_id, steps: (117.0, 234.0))
     output = tmp_path / "speed.json"
-    speed.main(speed.Args(env_ids=["walker-walk"], repeats=1, output=str(output)))
+    speed.main(speed.Args(env_ids=["walker-walk"], agents=list(speed.AGENTS), repeats=1, output=str(output)))
     results = {r["agent"]: r for r in __import__("json").load(open(output))["results"]}
     assert set(results) == {"qmle_dmc", "qtopt_cem", "aql_discrete"}
     for r in results.values():
