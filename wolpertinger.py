@@ -458,12 +458,17 @@ class MetricsLogger:
         self.file.close()
 
 
+def neighbour_count(args: Args, num_actions: int) -> int:
+    """k: --k when given, else --k-ratio of the actions (at least one)."""
+    return args.k if args.k is not None else max(1, round(args.k_ratio * num_actions))
+
+
 def main(args: Args) -> None:
     check_args(args)
     env = make_env(args.env_id, args.seed)
     table_np = action_table(env.action_space, args.max_actions)
     num_actions, embedding_dim = table_np.shape
-    k = args.k if args.k is not None else max(1, round(args.k_ratio * num_actions))
+    k = neighbour_count(args, num_actions)
     if k > num_actions:
         fail(f"--k must be <= the number of actions ({num_actions}), got {k}")
     nets = Networks(Actor(embedding_dim), Critic(), k, args.knn == "approx", args.recall_target)

@@ -93,12 +93,7 @@ def run(args: Args) -> None:
 
 def read_runs(runs_dir: str, exp_name: str) -> dict:
     """{(env_id, seed): [(step, episodic_return), ...]} from runs/{env}__{exp}__{seed}__{time}/metrics.csv."""
-    curves = {}
-    for path in sorted(glob.glob(os.path.join(runs_dir, f"*__{exp_name}__*__*", "metrics.csv"))):
-        env_id, _, seed, _ = os.path.basename(os.path.dirname(path)).split("__")
-        rows = [r for r in csv.DictReader(open(path)) if r["charts/episodic_return"]]
-        curves[(env_id, int(seed))] = [(int(r["global_step"]), float(r["charts/episodic_return"])) for r in rows]
-    return curves
+    return read_metric(runs_dir, exp_name, "charts/episodic_return")
 
 
 def read_metric(runs_dir: str, exp_name: str, column: str) -> dict:
@@ -173,7 +168,7 @@ def report(args: Args) -> None:
             firsts = {seed: first_reach(pts, float(value), args.last_episodes)
                       for (env, seed), pts in sorted(groups[name].items()) if env == env_id}
             print(f"| {env_id} | {name} | last-{args.last_episodes} mean >= {value} first at step | "
-                  + ", ".join(f"{seed}: {step if step else 'never'}" for seed, step in firsts.items()) + " |")
+                  + ", ".join(f"{seed}: {'never' if step is None else step}" for seed, step in firsts.items()) + " |")
 
     fig, axes = plt.subplots(1, len(env_ids), figsize=(5 * len(env_ids), 3.6), squeeze=False)
     for ax, env_id in zip(axes[0], env_ids):

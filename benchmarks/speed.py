@@ -66,6 +66,14 @@ def median_ms(fn, *args, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
+def prefilled_buffer(agent, transitions, capacity: int):
+    """A full-size buffer holding ten copies of `transitions`, for timing updates against a realistic tree."""
+    buffer = agent.buffer_init(jax.tree.map(lambda x: x[0], transitions), capacity)
+    for _ in range(10):
+        buffer = agent.buffer_add(buffer, transitions)
+    return buffer
+
+
 def training_sps(agent, env_id: str, timesteps: int) -> tuple:
     """Run the agent's real training loop; return (cumulative SPS, SPS after the first update's compilation)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,9 +187,7 @@ def measure(agent_name: str, env_id: str, args: Args, matmul_ms: float) -> dict:
 
     # One whole update against a full-size (1e6) buffer holding a few thousand random transitions.
     transitions = parts["transitions"]
-    buffer = agent.buffer_init(jax.tree.map(lambda x: x[0], transitions), agent.Args.buffer_size)
-    for _ in range(10):
-        buffer = agent.buffer_add(buffer, transitions)
+    buffer = prefilled_buffer(agent, transitions, agent.Args.buffer_size)
     new = jax.tree.map(lambda x: x[: agent.Args.train_frequency], transitions)
     state, buffer, _ = parts["update"](parts["state"], buffer, new, keys[0])
     jax.block_until_ready(buffer)
@@ -214,7 +220,7 @@ def measure_wolpertinger(num_actions: int, args: Args, matmul_ms: float) -> dict
     d = wolp.Args(max_actions=num_actions)
     env = wolp.make_env(d.env_id, 0)
     table = jnp.asarray(wolp.action_table(env.action_space, num_actions))
-    k = max(1, round(d.k_ratio * table.shape[0]))
+    k = wolp.neighbour_count(d, table.shape[0])
     nets = wolp.Networks(wolp.Actor(table.shape[1]), wolp.Critic(), k)
     obs, _ = env.reset(seed=0)
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
@@ -229,9 +235,7 @@ def measure_wolpertinger(num_actions: int, args: Args, matmul_ms: float) -> dict
     observations = jax.random.normal(keys[2], (size, obs.shape[0]))
     transitions = dict(obs=observations, action=table[:size], reward=jnp.ones(size), next_obs=observations,
                        terminated=jnp.zeros(size))
-    buffer = wolp.buffer_init(jax.tree.map(lambda x: x[0], transitions), d.buffer_size)
-    for _ in range(10):
-        buffer = wolp.buffer_add(buffer, transitions)
+    buffer = prefilled_buffer(wolp, transitions, d.buffer_size)
     states = [wolp.DDPGState.create(apply_fn=None, params=p, target_params=p, tx=optax.adam(d.learning_rate))
               for p in (params["actor"], params["critic"])]
     new = jax.tree.map(lambda x: x[: d.train_frequency], transitions)
