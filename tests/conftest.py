@@ -30,12 +30,12 @@ def q_reference(params, obs, actions):
         return (x - mean) / jnp.sqrt(var + 1e-6) * p[name]["scale"] + p[name]["bias"]
 
     def block(name, x):
-        h = relu(x) @ p[name]["Dense_0"]["kernel"] + p[name]["Dense_0"]["bias"]
+        h = x @ p[name]["Dense_0"]["kernel"] + p[name]["Dense_0"]["bias"]
         return x + relu(h) @ p[name]["Dense_1"]["kernel"] + p[name]["Dense_1"]["bias"]
 
     o = elu(norm("obs_norm", block("obs_block", dense("obs_embed", obs))))
     a = elu(norm("act_norm", dense("act_embed", actions)))
     x = jnp.concatenate([jnp.broadcast_to(o, a.shape), a], -1)
     w_in = jnp.concatenate([p["joint_in_obs"]["kernel"], p["joint_in_act"]["kernel"]], 0)
-    h = relu(relu(x) @ w_in + p["joint_in_obs"]["bias"]) @ p["joint_out"]["kernel"] + p["joint_out"]["bias"]
+    h = relu(x @ w_in + p["joint_in_obs"]["bias"]) @ p["joint_out"]["kernel"] + p["joint_out"]["bias"]
     return dense("q_head", elu(norm("joint_norm", x + h)))[..., 0]

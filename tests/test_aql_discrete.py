@@ -133,6 +133,17 @@ def test_approximate_argmax_equals_brute_force_when_the_samples_cover_the_space(
     assert action.dtype == jnp.int32 and best.shape == (6,)
 
 
+@pytest.mark.parametrize("per_state", [5, 20])  # fewer candidates than the 9 actions, and more: one Q per action
+def test_q_over_candidates_matches_q_of_each_candidate(model_and_params, per_state):
+    model, params, _ = model_and_params
+    obs = jax.random.normal(jax.random.PRNGKey(6), (4, OBS_DIM))
+    candidates = jax.random.randint(jax.random.PRNGKey(7), (4, per_state, DIM), 0, BINS)
+    embedding = model.apply(params, obs, method=aql.AQLNetwork.observation_stream)
+    q = jax.jit(aql.q_over_candidates, static_argnums=0)(model, params, embedding, candidates)
+    expected = np.stack([q_reference(params, o, bins_of(c)) for o, c in zip(obs, np.asarray(candidates))])
+    np.testing.assert_allclose(q, expected, rtol=1e-4, atol=1e-5)
+
+
 def update_inputs(params, target_params, terminated):
     state = aql.AQLState.create(apply_fn=None, params=params, target_params=target_params, tx=TX)
     rng = np.random.default_rng(0)

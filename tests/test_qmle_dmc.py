@@ -38,6 +38,19 @@ def test_split_joint_layer_equals_the_network_on_the_concatenation(model_and_par
     np.testing.assert_allclose(ours, q_reference(params, obs, actions), rtol=1e-4, atol=1e-5)
 
 
+def test_layers_start_at_pytorchs_default_scale(model_and_params):
+    """The release's nn.Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): bounded there, with that uniform's std."""
+    _, params = model_and_params
+    kernels = {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+               if path[-1].key == "kernel"}
+    assert len(kernels) == 12  # 8 in Q (its joint block's first layer split in two), 2 per predictor
+    for name, kernel in kernels.items():
+        bound = kernel.shape[0] ** -0.5
+        assert float(jnp.abs(kernel).max()) <= bound, name
+        if kernel.size >= 128 * 128:
+            assert float(kernel.std()) == pytest.approx(bound / np.sqrt(3), rel=0.02), name
+
+
 def test_chunked_candidate_evaluation_equals_one_pass(model_and_params):
     model, params = model_and_params
     embedding = jax.random.normal(jax.random.PRNGKey(3), (96, 128))
