@@ -13,6 +13,7 @@ approximate maximization", 2020 (arXiv 2001.08116): N = 100, M = 400. Headline r
 """
 
 import functools
+import math
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # render offscreen; must be set before dm_control is imported
@@ -400,13 +401,12 @@ def q_over_candidates(model: AQLNetwork, params, embedding, candidates, states_p
     cartpole-swingup's 11 bins against 500 samples), Q is evaluated once per distinct action and gathered:
     the same values and arg-max, at a fraction of the cost, since most samples are repeats."""
     batch = embedding.shape[0]
-    num_actions = model.num_bins ** model.action_dim
-    if num_actions <= candidates.shape[1]:
-        every_action = jnp.stack(jnp.unravel_index(jnp.arange(num_actions), (model.num_bins,) * model.action_dim), -1)
+    space = (model.num_bins,) * model.action_dim
+    if math.prod(space) <= candidates.shape[1]:  # Python ints: 11^38 overflows int64
+        every_action = jnp.stack(jnp.unravel_index(jnp.arange(math.prod(space)), space), -1)  # [|A|, D]
         q_table = model.apply(params, embedding, jnp.broadcast_to(every_action, (batch, *every_action.shape)),
                               method=AQLNetwork.q_values)
-        flat = jnp.ravel_multi_index(tuple(jnp.moveaxis(candidates, -1, 0)), (model.num_bins,) * model.action_dim,
-                                     mode="clip")
+        flat = jnp.ravel_multi_index(tuple(jnp.moveaxis(candidates, -1, 0)), space, mode="clip")
         return jnp.take_along_axis(q_table, flat, axis=1)
     chunk = np.gcd(batch, states_per_chunk)
     split = lambda x: x.reshape(batch // chunk, chunk, *x.shape[1:])  # noqa: E731
