@@ -257,7 +257,8 @@ def elu(x):
 
 
 # PyTorch nn.Linear's default weight scale, U(+-1/sqrt(fan_in)), as in the authors' release; Flax's default (LeCun
-# normal, sqrt(3) times larger) learned walker-walk slower here. Biases start at zero.
+# normal, sqrt(3) times larger) learned walker-walk slower here. Biases start at zero. The split joint layer's two
+# halves draw at their own fan-in (128 each), not at the 256 of the release's single layer: that is what was measured.
 Dense = functools.partial(nn.Dense, kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
 
 
