@@ -114,10 +114,10 @@ def test_sampled_bins_follow_the_categorical_and_uniform_distributions():
         np.testing.assert_allclose(np.bincount(cat[state, :, dim], minlength=4) / 20_000, expected, atol=0.012)
 
 
-def test_source_fractions_count_the_winning_segments():
+def test_source_counts_count_the_winning_segments_and_skip_random_actions():
     budget = q.Budget(3, 2, 1, 4)  # indices 0-2 uniform, 3-4 grid, 5 delta, 6-9 categorical, 10 cached
-    best = jnp.array([0, 2, 3, 5, 6, 9, 10, 10])
-    np.testing.assert_allclose(q.source_fractions(best, budget), np.array([2, 1, 1, 2, 2]) / 8)
+    best = jnp.array([0, 2, 3, 5, 6, 9, 10, 10, -1])  # -1: a random action, from no source
+    np.testing.assert_array_equal(q.source_counts(best, budget), [2, 1, 1, 2, 2])
 
 
 def test_target_argmax_matches_brute_force_on_a_small_discrete_space(model_and_params):
@@ -150,8 +150,16 @@ def test_the_cached_prior_is_a_candidate(model_and_params):
     assert bool(jnp.all(with_others[1] >= value - 1e-6))  # more candidates never lower the max
 
 
-def make_update_inputs(model, params, terminated):
-    state = q.QMLEState.create(apply_fn=model.apply, params=params, target_params=params, tx=optax.adam(1e-3))
+@pytest.fixture(scope="module")
+def target_params(model_and_params):
+    """Target parameters unlike the online ones, so that a target computed with the wrong network shows."""
+    model, _ = model_and_params
+    return jax.jit(model.init)(jax.random.PRNGKey(99), jnp.zeros((1, OBS_DIM)), jnp.zeros((1, 1, ACTION_DIM)))
+
+
+def make_update_inputs(model, params, target_params, terminated):
+    state = q.QMLEState.create(apply_fn=model.apply, params=params, target_params=target_params,
+                               tx=optax.adam(1e-3))
     rng = np.random.default_rng(0)
     chunk = dict(obs=rng.normal(size=(4, OBS_DIM)).astype(np.float32),
                  action=rng.uniform(-1, 1, (4, ACTION_DIM)).astype(np.float32),
@@ -163,26 +171,84 @@ def make_update_inputs(model, params, terminated):
     return state, buffer, chunk
 
 
+UPDATE = dict(gamma=0.9, batch_size=16, noise_std=0.1, prioritized=True, alpha=0.6, beta=0.2, priority_epsilon=1e-6)
+
+
+def td_errors(params, target_params, chunk, gamma, terminated):
+    """r + gamma (1 - terminated) Q_target(s', cached arg-max) - Q(s, a), from the written-out network."""
+    pairwise = lambda p, o, a: jax.vmap(lambda o, a: q_reference(p, o, a[None])[0])(o, a)  # noqa: E731
+    next_q = pairwise(target_params, chunk["next_obs"], chunk["argmax"])
+    return chunk["reward"] + gamma * (1 - terminated) * next_q - pairwise(params, chunk["obs"], chunk["action"])
+
+
 @pytest.mark.parametrize("terminated", [0.0, 1.0])
-def test_td_errors_written_back_as_priorities_match_a_hand_computation(model_and_params, terminated):
+def test_td_errors_written_back_as_priorities_match_a_hand_computation(model_and_params, target_params, terminated):
     model, params = model_and_params
-    state, buffer, chunk = make_update_inputs(model, params, terminated)
-    gamma, alpha, eps = 0.9, 0.6, 1e-6
+    state, buffer, chunk = make_update_inputs(model, params, target_params, terminated)
     # With an empty budget the target arg-max is the cached prior, so the target is deterministic.
-    _, buffer, metrics = q.update(model, state, buffer, chunk, jax.random.PRNGKey(0), gamma=gamma, batch_size=16,
-                                  budget=q.Budget(0, 0, 0, 0), noise_std=0.1, prioritized=True, alpha=alpha,
-                                  beta=0.2, priority_epsilon=eps)
-    pairwise = jax.vmap(lambda o, a: q_reference(params, o, a[None])[0])
-    next_q, now_q = pairwise(chunk["next_obs"], chunk["argmax"]), pairwise(chunk["obs"], chunk["action"])
-    td_error = chunk["reward"] + gamma * (1 - terminated) * next_q - now_q
-    np.testing.assert_allclose(buffer.tree[8:12], (np.abs(td_error) + eps) ** alpha, rtol=1e-4)
+    _, buffer, metrics = q.update(model, state, buffer, chunk, jax.random.PRNGKey(0), budget=q.Budget(0, 0, 0, 0),
+                                  **UPDATE)
+    td_error = td_errors(params, target_params, chunk, UPDATE["gamma"], terminated)
+    np.testing.assert_allclose(buffer.tree[8:12], (np.abs(td_error) + 1e-6) ** 0.6, rtol=1e-4)
     np.testing.assert_allclose(buffer.storage["argmax"][:4], chunk["argmax"])  # the prior won and was kept
     assert int(buffer.size) == 4
 
 
-def test_mle_steps_move_both_predictors_toward_the_refreshed_argmax(model_and_params):
+@pytest.mark.parametrize("normalisation", ["batch", "buffer"])
+def test_importance_weights_scale_the_td_loss(model_and_params, target_params, normalisation):
     model, params = model_and_params
-    state, buffer, chunk = make_update_inputs(model, params, 0.0)
+    state, buffer, chunk = make_update_inputs(model, params, target_params, 0.0)
+    priorities = np.array([0.05, 0.5, 2.0, 8.0], np.float32)  # unequal, so the weights are too
+    buffer = q.buffer_update(q.buffer_add(buffer, chunk), jnp.arange(4), jnp.asarray(priorities), alpha=0.6)
+    key = jax.random.PRNGKey(3)
+    index = np.asarray(q.buffer_sample(buffer, jax.random.split(key)[0], 16, True, 0.2)[0])  # the update's draws
+    _, _, metrics = q.update(model, state, buffer, jax.tree.map(lambda x: x[:0], chunk), key,
+                             budget=q.Budget(0, 0, 0, 0), importance_normalisation=normalisation, **UPDATE)
+    probability = priorities**0.6 / np.sum(priorities**0.6)
+    weights = (4 * probability[index]) ** -0.2
+    weights /= weights.max() if normalisation == "batch" else (4 * probability.min()) ** -0.2
+    td_error = np.asarray(td_errors(params, target_params, chunk, UPDATE["gamma"], 0.0))[index]
+    assert len(set(np.round(weights, 6))) > 1
+    np.testing.assert_allclose(metrics["losses/td_loss"], np.mean(weights * td_error**2), rtol=1e-4)
+
+
+@pytest.mark.parametrize("predictor_target", ["refreshed", "cached"])
+def test_the_refreshed_argmax_is_written_back_and_trains_the_predictors(model_and_params, target_params,
+                                                                        predictor_target):
+    model, params = model_and_params
+    params = jax.tree_util.tree_map_with_path(  # predictors far from uniform, so their losses tell goals apart
+        lambda path, x: x * 30 if "head" in jax.tree_util.keystr(path) and "q_head" not in jax.tree_util.keystr(path)
+        else x, params)
+    state, buffer, chunk = make_update_inputs(model, params, target_params, 0.0)
+    grid = jnp.array(list(itertools.product([-1.0, 0.0, 1.0], repeat=ACTION_DIM)))
+    values = jax.vmap(lambda o: q_reference(target_params, o, grid))(chunk["next_obs"])  # [4, 9] under Q-
+    chunk["argmax"] = np.asarray(grid[values.argmin(1)])  # a stale cache: the worst grid action at each s'
+    best = np.asarray(grid[values.argmax(1)])  # 300 grid samples cover all 9 actions: the refreshed arg-max
+    buffer = q.buffer_add(buffer, chunk)
+    key = jax.random.PRNGKey(4)
+    index = np.asarray(q.buffer_sample(buffer, jax.random.split(key)[0], 16, False, 0.2)[0])
+    _, buffer, metrics = q.update(model, state, buffer, jax.tree.map(lambda x: x[:0], chunk), key,
+                                  budget=q.Budget(0, 300, 0, 0), predictor_target=predictor_target,
+                                  **dict(UPDATE, prioritized=False))
+    assert len(set(index.tolist())) == 4  # every transition was replayed and refreshed
+    np.testing.assert_allclose(buffer.storage["argmax"][:4], best)
+    embedding = model.apply(params, jnp.asarray(chunk["next_obs"]), method=q.QMLENetwork.observation_stream)
+    delta = np.asarray(model.apply(params, embedding, method=q.QMLENetwork.delta))
+    goal = {"refreshed": best, "cached": chunk["argmax"]}
+    expected = {k: np.mean((delta[index] - g[index]) ** 2) for k, g in goal.items()}
+    logits = np.asarray(model.apply(params, embedding, method=q.QMLENetwork.categorical_logits))[index]
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    for k, g in goal.items():  # -1, 0, 1 -> bins 0, 1, 2
+        bins = np.rint(g[index] + 1).astype(int)
+        expected[k] = (expected[k], -np.take_along_axis(log_p, bins[..., None], -1).mean())
+    assert np.all(np.abs(np.subtract(*expected.values())) > 0.05)  # the two goals are told apart
+    np.testing.assert_allclose([metrics["losses/delta_mle_loss"], metrics["losses/categorical_mle_loss"]],
+                               expected[predictor_target], rtol=1e-5)
+
+
+def test_mle_steps_move_both_predictors_toward_their_target(model_and_params, target_params):
+    model, params = model_and_params
+    state, buffer, chunk = make_update_inputs(model, params, target_params, 0.0)
     chunk["argmax"] = np.array([[0.6, -0.8]] * 4, np.float32)  # bins: high (index 2) and low (index 0)
 
     def predictions(p):
@@ -191,8 +257,7 @@ def test_mle_steps_move_both_predictors_toward_the_refreshed_argmax(model_and_pa
         return model.apply(p, e, method=q.QMLENetwork.delta), probs[:, 0, 2] * probs[:, 1, 0]
 
     delta_before, prob_before = predictions(state.params)
-    step = jax.jit(functools.partial(q.update, model, gamma=0.99, batch_size=16, budget=q.Budget(0, 0, 0, 0),
-                                     noise_std=0.1, prioritized=True, alpha=0.6, beta=0.2, priority_epsilon=1e-6))
+    step = jax.jit(functools.partial(q.update, model, budget=q.Budget(0, 0, 0, 0), **UPDATE))
     buffer = q.buffer_add(buffer, chunk)
     no_new = jax.tree.map(lambda x: x[:0], chunk)
     for i in range(30):
@@ -201,6 +266,20 @@ def test_mle_steps_move_both_predictors_toward_the_refreshed_argmax(model_and_pa
     target = chunk["argmax"]
     assert np.mean((delta_after - target) ** 2) < 0.5 * np.mean((delta_before - target) ** 2)
     assert bool(jnp.all(prob_after > prob_before)) and float(prob_after.min()) > 0.5
+
+
+def test_several_updates_in_one_call_equal_the_same_updates_one_by_one(model_and_params, target_params):
+    model, params = model_and_params
+    state, buffer, chunk = make_update_inputs(model, params, target_params, 0.0)
+    settings = dict(budget=q.Budget(2, 2, 1, 1), **UPDATE)
+    together = q.update(model, state, jax.tree.map(jnp.copy, buffer), chunk, jax.random.PRNGKey(5), updates=3,
+                        **settings)
+    no_new = jax.tree.map(lambda x: x[:0], chunk)
+    for i, key in enumerate(jax.random.split(jax.random.PRNGKey(5), 3)):
+        state, buffer, metrics = q.update(model, state, buffer, chunk if i == 0 else no_new, key, **settings)
+    assert int(together[0].step) == int(state.step) == 3
+    for a, b in zip(jax.tree.leaves((together[0].params, together[1])), jax.tree.leaves((state.params, buffer))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_select_action_is_greedy_over_its_candidates_or_random(model_and_params):
@@ -297,19 +376,207 @@ def test_smoke_run_writes_metrics_and_a_model_that_loads(tmp_path):
     assert 0.0 <= float(episodes[0]["charts/episodic_return"]) <= 1000.0
     updates = [r for r in rows if r["losses/td_loss"]]
     assert len(updates) >= 8 and all(np.isfinite(float(r["losses/td_loss"])) for r in updates)
-    fractions = [sum(float(r[f"argmax/target_{s}"]) for s in q.SOURCES) for r in updates]
-    np.testing.assert_allclose(fractions, 1.0, rtol=1e-5)
-    assert len([r for r in rows if r["eval/episodic_return"]]) == 2  # at step 600 and at the end
-    assert "step     1100" in result.stdout
+    evaluations = [float(r["eval/episodic_return"]) for r in rows if r["eval/episodic_return"]]
+    assert len(evaluations) == 2  # at step 600 and at the end
+    assert "step     1100" in result.stdout and "compiling the update" in result.stdout
 
-    model_path = os.path.join(run_dir, "qmle_dmc.flax")
-    model = q.QMLENetwork(1, 3)
-    template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)), jnp.zeros((1, 1, 1)))
-    loaded = flax.serialization.from_bytes(template, open(model_path, "rb").read())
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(template)))
-    evaluation = run_script("qmle_dmc.py", "--env-id", "cartpole-swingup", "--load-model", model_path, cwd=tmp_path)
+    model_path = os.path.join(run_dir, "qmle_dmc.npz")
+    meta, arrays = q.load_arrays(model_path, "--load-model")
+    assert meta["script"] == "qmle_dmc.py" and meta["args"]["env_id"] == "cartpole-swingup"
+    evaluation = run_script("qmle_dmc.py", "--load-model", model_path, cwd=tmp_path)  # its task and settings
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-    assert "greedy return over 1 episode(s)" in evaluation.stdout
+    # The run's own evaluation seeds and budget: the saved model scores what the run logged at its end.
+    assert f"greedy evaluation return {evaluations[-1]:.1f} over 1 episode(s)" in evaluation.stdout
+    for flags, message in [(["--env-id", "cartpole-balance"], "--env-id 'cartpole-balance' differs from the saved "
+                                                              "run's 'cartpole-swingup'"),
+                           (["--num-bins", "5"], "--num-bins 5 differs from the saved run's 3")]:
+        wrong = run_script("qmle_dmc.py", *flags, "--load-model", model_path, cwd=tmp_path)
+        assert wrong.returncode == 1 and wrong.stderr.strip() == f"error: --load-model: {message}"
+    elsewhere = str(tmp_path / "elsewhere.npz")  # a checkpoint is no model: its arrays are the whole run's
+    q.save_arrays(elsewhere, dict(x=np.zeros(3)), dict(args=meta["args"]))
+    wrong = run_script("qmle_dmc.py", "--load-model", elsewhere, cwd=tmp_path)
+    assert wrong.returncode == 1 and wrong.stderr.strip().startswith("error: --load-model: the file holds 1 arrays")
+
+
+FAST = dict(env_id="Pendulum-v1", learning_starts=100, buffer_size=2000, batch_size=16, m_greedy=8, m_target=4,
+            eval_frequency=0, log_frequency=100)
+
+
+def train_in_process(directory, monkeypatch, xla_cache, **overrides):
+    """Run main() here (a warm jit cache makes repeated runs cheap); return the run directory and checkpoint."""
+    monkeypatch.chdir(directory)
+    args = q.Args(**dict(FAST, xla_cache=xla_cache, **overrides))
+    q.main(args)
+    run_dir = args.resume or max(glob.glob(f"runs/*__{args.exp_name}__*"), key=os.path.getmtime)
+    return run_dir, q.load_arrays(q.checkpoint_file(run_dir), "--resume")
+
+
+def saved(arrays, prefix):
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("xla"))
+
+
+def test_transitions_periods_curriculum_and_resume_on_a_time_limited_task(tmp_path, monkeypatch, xla_cache):
+    # Pendulum-v1 ends every 200 steps by its time limit; the grid phase lasts 150 steps; targets copy every 300.
+    run_dir, (meta, arrays) = train_in_process(tmp_path, monkeypatch, xla_cache, total_timesteps=600,
+                                               discrete_steps=150, target_network_frequency=300,
+                                               checkpoint_frequency=600, exp_name="pendulum")
+    buffer = saved(arrays, "['buffer'].storage")
+    obs, next_obs, action = buffer["['obs']"], buffer["['next_obs']"], buffer["['action']"]
+    assert meta["global_step"] == 600 and len(obs) == 600
+    np.testing.assert_array_equal(buffer["['terminated']"], 0.0)  # a time limit is not a termination
+    ends = np.flatnonzero(np.any(next_obs[:-1] != obs[1:], axis=1))
+    np.testing.assert_array_equal(ends, [199, 399])  # the stored next_obs is the episode's own, never a reset
+    assert set(np.unique(action[:150])) <= {-1.0, 0.0, 1.0} and len(np.unique(action[150:])) > 100
+    params, target = saved(arrays, "['state'].params"), saved(arrays, "['state'].target_params")
+    assert all(np.array_equal(params[k], target[k]) for k in params)  # copied at step 600, after its update
+    assert int(arrays["['state'].step"]) == (600 - 100) // 10 + 1  # one update per 10 steps from step 100
+
+    _, (meta, resumed) = train_in_process(tmp_path, monkeypatch, xla_cache, total_timesteps=700, resume=run_dir)
+    assert meta["global_step"] == 700 and int(resumed["['state'].step"]) == 61
+    assert all(np.array_equal(saved(resumed, "['state'].target_params")[k], params[k]) for k in params)  # no copy
+    assert not all(np.array_equal(saved(resumed, "['state'].params")[k], params[k]) for k in params)  # at 700
+    steps = [int(r["global_step"]) for r in read_metrics(run_dir) if r["charts/SPS"]]
+    assert steps == list(range(100, 701, 100))  # metrics.csv continued where the checkpoint was taken
+
+
+@pytest.mark.parametrize("num_envs", [1, 4, 16])
+def test_vector_env_transitions_equal_single_envs_and_updates_keep_their_ratio(tmp_path, monkeypatch, xla_cache,
+                                                                               num_envs):
+    _, (meta, arrays) = train_in_process(tmp_path, monkeypatch, xla_cache, total_timesteps=500, num_envs=num_envs,
+                                         checkpoint_frequency=10_000, exp_name=f"vector{num_envs}")
+    final, rows = meta["global_step"], np.lcm(num_envs, 10)  # rows: transitions per update call
+    stored, pending = saved(arrays, "['buffer'].storage"), saved(arrays, "['pending']")
+    assert final == -(-500 // num_envs) * num_envs and len(stored["['obs']"]) == final // rows * rows
+    buffer = {k: np.concatenate([v, pending[k][: final % rows]]) for k, v in stored.items()}  # not yet sent
+    for i in range(num_envs):  # env i's transitions sit at rows i, i + N, ...; replay its actions alone
+        env = q.make_env("Pendulum-v1", 1 + i)
+        obs, _ = env.reset(seed=1 + i)
+        for row in range(i, final, num_envs):
+            np.testing.assert_array_equal(buffer["['obs']"][row], obs)
+            obs, reward, terminated, truncated, _ = env.step(buffer["['action']"][row])
+            np.testing.assert_allclose(buffer["['reward']"][row], reward, rtol=1e-6)
+            np.testing.assert_array_equal(buffer["['next_obs']"][row], obs)
+            assert buffer["['terminated']"][row] == terminated
+            if terminated or truncated:
+                obs, _ = env.reset()
+    # one update per 10 environment steps, from the first update call at or after step 100
+    first, last = -(-100 // rows) * rows, final // rows * rows
+    assert int(arrays["['state'].step"]) == (last - first) // 10 + rows // 10
+    assert abs(int(arrays["['state'].step"]) - (final - 100) / 10) <= rows / 10
+
+
+def test_a_termination_is_stored_as_terminal(tmp_path, monkeypatch, xla_cache):
+    # InvertedPendulum-v5 terminates once the pole leans past 0.2 rad, which an untrained agent soon lets it do.
+    _, (_, arrays) = train_in_process(tmp_path, monkeypatch, xla_cache, env_id="InvertedPendulum-v5",
+                                      total_timesteps=200, checkpoint_frequency=200, exp_name="falls")
+    buffer = saved(arrays, "['buffer'].storage")
+    terminated, next_obs, obs = buffer["['terminated']"], buffer["['next_obs']"], buffer["['obs']"]
+    fallen = np.abs(next_obs[:, 1]) > 0.2
+    assert fallen.sum() >= 3
+    np.testing.assert_array_equal(terminated, fallen.astype(np.float32))
+    np.testing.assert_array_equal(np.flatnonzero(np.any(next_obs[:-1] != obs[1:], axis=1)),
+                                  np.flatnonzero(fallen[:-1]))
+
+
+def run_state(model, params, target_params, capacity=64):
+    state = jax.tree.map(jnp.asarray, q.QMLEState.create(apply_fn=model.apply, params=params,
+                                                         target_params=target_params, tx=optax.adam(1e-3)))
+    example = dict(obs=np.zeros(OBS_DIM, np.float32), action=np.zeros(ACTION_DIM, np.float32),
+                   reward=np.float32(0), next_obs=np.zeros(OBS_DIM, np.float32), terminated=np.float32(0),
+                   argmax=np.zeros(ACTION_DIM, np.float32))
+    return dict(state=state, buffer=q.buffer_init(example, capacity), key=jax.random.PRNGKey(0),
+                wins=jnp.zeros(5), pending={k: np.zeros((10, *np.shape(v)), np.float32) for k, v in example.items()})
+
+
+def chunks(count):
+    rng = np.random.default_rng(7)
+    return [dict(obs=rng.normal(size=(10, OBS_DIM)), action=rng.uniform(-1, 1, (10, ACTION_DIM)),
+                 reward=rng.normal(size=10), next_obs=rng.normal(size=(10, OBS_DIM)), terminated=np.zeros(10),
+                 argmax=rng.uniform(-1, 1, (10, ACTION_DIM))) for _ in range(count)]
+
+
+def test_a_checkpointed_run_continues_exactly_as_one_that_never_stopped(model_and_params, target_params, tmp_path):
+    model, params = model_and_params
+    settings = dict(budget=q.Budget(3, 3, 1, 1), **dict(UPDATE, batch_size=8))
+    steps, keys = chunks(6), jax.random.split(jax.random.PRNGKey(1), 6)
+
+    def train(run, first, last):
+        for chunk, key in zip(steps[first:last], keys[first:last]):
+            chunk = jax.tree.map(lambda x: np.asarray(x, np.float32), chunk)
+            state, buffer, _ = q.update(model, run["state"], run["buffer"], chunk, key, **settings)
+            run = dict(run, state=state, buffer=buffer)
+        return run
+
+    uninterrupted = train(run_state(model, params, target_params), 0, 6)
+    stopped = train(run_state(model, params, target_params), 0, 3)
+    stopped["pending"]["obs"][:4] = 1.5  # steps taken since the last update travel with the checkpoint too
+    path = q.save_arrays(str(tmp_path / "checkpoint" / "state.npz"), stopped, dict(global_step=30))
+    meta, arrays = q.load_arrays(path, "--resume")
+    assert meta == dict(global_step=30, script="qmle_dmc.py")
+    assert len(arrays["['buffer'].storage['obs']"]) == 30  # the filled rows of 64
+    resumed = q.restore(run_state(model, params, target_params), arrays, "--resume")
+    for a, b in zip(jax.tree.leaves(stopped), jax.tree.leaves(resumed)):  # the resume point is the checkpoint
+        np.testing.assert_array_equal(a, b)
+    resumed = train(resumed, 3, 6)
+    for a, b in zip(jax.tree.leaves(uninterrupted["state"]), jax.tree.leaves(resumed["state"])):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(uninterrupted["buffer"].tree, resumed["buffer"].tree)
+
+
+def test_damaged_missing_or_foreign_checkpoints_are_refused_with_one_line(model_and_params, target_params, tmp_path):
+    model, params = model_and_params
+    run = run_state(model, params, target_params)
+    path = q.save_arrays(str(tmp_path / "state.npz"), run, {})
+    with open(path, "rb") as f:
+        data = f.read()
+    for name, content in [("cut.npz", data[: len(data) // 2]), ("noise.npz", b"not a checkpoint")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit, match=r"^error: --resume: .* is damaged or was not saved by qmle_dmc.py"):
+            q.load_arrays(str(tmp_path / name), "--resume")
+    with pytest.raises(SystemExit, match=r"^error: --resume: no such file: .*nowhere"):
+        q.load_arrays(str(tmp_path / "nowhere" / "state.npz"), "--resume")
+    _, arrays = q.load_arrays(path, "--resume")
+    with pytest.raises(SystemExit, match=r"^error: --resume: the saved \['buffer'\].storage\['obs'\] is float32\[0, 5\], "
+                                         r"this run's float32\[64, 7\]"):
+        smaller = run_state(model, params, target_params)
+        smaller["buffer"] = smaller["buffer"]._replace(storage=dict(smaller["buffer"].storage, obs=jnp.zeros((64, 7))))
+        q.restore(smaller, arrays, "--resume")
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(q.time, "time", lambda: 1_700_000_000.0)
+    first, second = q.new_run_dir(q.Args()), q.new_run_dir(q.Args())
+    assert first != second and os.path.isdir(first) and os.path.isdir(second)
+
+
+def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    flags = smoke_flags("Pendulum-v1", total_timesteps=1_000_000, checkpoint_frequency=5000, eval_frequency=0)
+    process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(q.__file__), "qmle_dmc.py"), *flags],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # wait until it trains, past compiling
+        if line.startswith("step      300"):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert "interrupted at step" in stdout and f"--resume runs/{os.path.basename(run_dir)}" in stdout
+    meta, _ = q.load_arrays(q.checkpoint_file(run_dir), "--resume")
+    assert 300 <= meta["global_step"] < 1_000_000
+    assert q.load_arrays(os.path.join(run_dir, "qmle_dmc.npz"), "--load-model")[0]["global_step"] == meta["global_step"]
+    wrong = run_script("qmle_dmc.py", "--resume", os.path.relpath(run_dir, tmp_path), "--seed", "2", cwd=tmp_path)
+    assert wrong.returncode == 1 and wrong.stderr.strip() == "error: --resume: --seed 2 differs from the saved run's 1"
 
 
 def test_seeds_reproduce_on_a_gymnasium_task(tmp_path):
