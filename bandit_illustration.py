@@ -6,10 +6,11 @@ Figure 2: on a 2-D bandit (broad sub-optimal mode, narrow optimal one), Q learne
 QMLE with local sampling stay in the sub-optimal mode, QMLE with added uniform sampling finds the optimal one,
 under each of three explorations around the delta: uniform epsilon-greedy, Gaussian and Ornstein-Uhlenbeck noise.
 Paper: Tavakoli et al. 2024, "Learning in complex action spaces without policy gradients" (arXiv 2410.06317),
-Sections 3.2 and 5.1, Figures 1 and 2.  Reproduce: python bandit_illustration.py  (writes to docs/figures/)
+Sections 3.2 and 5.1, Figures 1 and 2.  Reproduce: python bandit_illustration.py  (writes to runs/bandit_illustration/; --output-dir docs/figures updates the committed figures)
 """
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ class Args:
     """seed of the first run; seed index i uses seed + i (the same for every learner and strategy)"""
     num_seeds: int = 10
     """seeds per learner and exploration strategy (all 9 x num_seeds runs train at once under jax.vmap)"""
-    output_dir: str = "docs/figures"
-    """folder for bandit_fig1.png, bandit_fig2.png and bandit_results.json (created if its parent exists)"""
+    output_dir: str = "runs/bandit_illustration"
+    """folder for bandit_fig1.png, bandit_fig2.png and bandit_results.json (created if missing; docs/figures holds the committed ones)"""
     num_steps: int = 2000
     """training steps on the 2-D bandit; each step pulls the arm `pulls_per_step` times, updates Q and the delta"""
     learning_starts: int = 200
@@ -76,6 +77,9 @@ STRATEGIES = ("epsilon", "gaussian", "ou")
 
 def check_args(args: Args) -> None:
     """Fail early with one line (SystemExit prints it on stderr, exit status 1), never a traceback."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number, got {value}")
     positive = ("num_seeds", "num_steps", "pulls_per_step", "buffer_size", "batch_size", "m_local",
                 "m_uniform", "fig1_steps")
     for name in positive:
@@ -89,11 +93,13 @@ def check_args(args: Args) -> None:
                  "init_radius"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    edge = 1.0 - float(jnp.abs(SUB_CENTRE).max())  # the start disc must lie inside the action box (-1, 1)^2
+    if args.init_radius >= edge:
+        raise SystemExit(f"error: --init-radius must be < {edge:g} (the sub-optimal mode's centre is "
+                         f"{[round(float(c), 2) for c in SUB_CENTRE]} in the box (-1, 1)^2), got {args.init_radius}")
     out = os.path.abspath(args.output_dir)
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --output-dir {args.output_dir} exists and is not a folder")
-    if not os.path.isdir(os.path.dirname(out)):
-        raise SystemExit(f"error: --output-dir {args.output_dir}: parent folder {os.path.dirname(out)} does not exist")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,7 +176,7 @@ def plot_figure1(probs, mu_delta, mu_gauss, path):
         dens = np.exp(-((a - mu_gauss[t]) ** 2) / (2 * GAUSSIAN_POLICY_STD**2))
         ax[3].plot(a, 0.9 * dens, color=plt.cm.viridis(t / (len(mu_gauss) - 1)), lw=1.2)
     ax[3].scatter(mu_gauss, np.asarray(reward_1d(mu_gauss)), c=steps, cmap="viridis", s=6, zorder=3)
-    fig.colorbar(sc, ax=ax[2:], label="update", fraction=0.03)
+    fig.colorbar(sc, ax=ax[2:], label="update (colour of the policy in (c) and (d))", fraction=0.03)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -342,7 +348,8 @@ def plot_figure2(q_params, trajectories, results, path, seed_label):
             ax.plot(*tr[0], "kx", ms=8)
             ax.plot(*tr[-1], "o", color="limegreen", ms=9, mec="k")
             ax.plot(*np.asarray(OPT_CENTRE), "r+", ms=10)
-            ax.set(title=f"{lrn} / {strat}", xlim=(-1, 1), ylim=(-1, 1), aspect="equal")
+            ax.set(title=f"{lrn} / {strat}", xlim=(-1, 1), ylim=(-1, 1), aspect="equal",
+                   xlabel="action 1" if strat == STRATEGIES[-1] else None, ylabel="action 2" if lrn == LEARNERS[0] else None)
     fig.suptitle(f"(b) learned Q at the end with the delta's trajectory (orange; start x, end green; red + = "
                  f"optimum), seed {seed_label}")
     fig.savefig(path, dpi=90, bbox_inches="tight")

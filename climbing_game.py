@@ -6,10 +6,11 @@ cannot represent the payoff table and settles on the safe joint action worth 5. 
 joint Q(a1, a2) and one arg-max predictor per agent, trained by maximum likelihood toward the joint arg-max; each
 agent then acts from its own predictor and observation alone (decentralised execution) and the pair reaches 11.
 Paper: Tavakoli et al. 2024, "Learning in complex action spaces without policy gradients" (arXiv 2410.06317),
-Appendix E.2, Figure 11.  Reproduce: python climbing_game.py  (writes to docs/figures/)
+Appendix E.2, Figure 11.  Reproduce: python climbing_game.py  (writes to runs/climbing_game/; --output-dir docs/figures updates the committed figures)
 """
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -32,8 +33,8 @@ class Args:
     """seed of the first run; seed index i uses seed + i (the same for VDN and QMLE)"""
     num_seeds: int = 10
     """seeds per method (all trained at once under jax.vmap)"""
-    output_dir: str = "docs/figures"
-    """folder for climbing_game.png and climbing_results.json (created if its parent exists)"""
+    output_dir: str = "runs/climbing_game"
+    """folder for climbing_game.png and climbing_results.json (created if missing; docs/figures holds the committed ones)"""
     num_steps: int = 1500
     """training steps; each step plays the game `plays_per_step` times and makes one update"""
     learning_starts: int = 200
@@ -71,6 +72,9 @@ PAYOFF = jnp.array([[11.0, -30.0, 0.0],
 
 def check_args(args: Args) -> None:
     """Fail early with one line (SystemExit prints it on stderr, exit status 1), never a traceback."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("num_seeds", "num_steps", "plays_per_step", "buffer_size", "batch_size", "obs_dim", "m_greedy",
                  "m_uniform", "m_local", "argmax_batch_size"):
         if getattr(args, name) < 1:
@@ -85,8 +89,6 @@ def check_args(args: Args) -> None:
     out = os.path.abspath(args.output_dir)
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --output-dir {args.output_dir} exists and is not a folder")
-    if not os.path.isdir(os.path.dirname(out)):
-        raise SystemExit(f"error: --output-dir {args.output_dir}: parent folder {os.path.dirname(out)} does not exist")
 
 
 def action_index(a):
@@ -241,7 +243,14 @@ def run_all(args: Args):
 
 
 def plot_curves(curves, learning_starts, path):
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (table, ax) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw=dict(width_ratios=[1, 2.4]))
+    table.imshow(np.asarray(PAYOFF), cmap="RdBu", vmin=-30, vmax=30)  # the game itself, as the paper shows it
+    for (i, j), value in np.ndenumerate(np.asarray(PAYOFF)):
+        table.text(j, i, f"{value:g}", ha="center", va="center", fontsize=13, weight="bold" if value == 11 else None)
+    thirds = ["[-1, -1/3)", "[-1/3, 1/3)", "[1/3, 1]"]
+    table.set(xticks=range(3), yticks=range(3), xticklabels=thirds, yticklabels=thirds, title="payoff",
+              xlabel="agent 2's action", ylabel="agent 1's action")
+    table.tick_params(labelsize=7)
     for method, colour, label in (("vdn", "tab:blue", "VDN (Q = U1 + U2)"),
                                   ("qmle", "tab:red", "QMLE (joint Q, decentralised arg-max predictors)")):
         c = curves[method]

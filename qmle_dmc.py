@@ -20,6 +20,7 @@ import math
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # render offscreen; must be set before dm_control is imported
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # classic-control tasks render through pygame: no window
 import signal
 import sys
 import time

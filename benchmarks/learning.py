@@ -1,116 +1,197 @@
-"""Learning results of qmle_dmc.py: expand env ids x seeds into training commands, run or print them, and
-report the last-10-episode returns against the authors' release with a learning-curve plot.
+"""Learning results of the agent scripts: expand env ids x seeds into training commands, run or print them, and
+report each experiment's returns (over the whole run, its halves and its last episodes) against the authors'
+release, with a learning-curve plot.
 
-    # run 3 seeds of two tasks locally, two runs at a time (each run writes runs/{run_name}/metrics.csv)
+    # 3 seeds of two tasks locally, two runs at a time (each run writes runs/{run_name}/metrics.csv)
     python benchmarks/learning.py run --env-ids cartpole-swingup walker-walk --seeds 1 2 3 --jobs 2
     # the same grid as commands, one per line, for a cluster scheduler (or see benchmarks/sweep.yaml for W&B)
-    python benchmarks/learning.py print --env-ids cartpole-swingup walker-walk --seeds 1 2 3
-    # table (markdown) + curves CSV + plot from what the runs wrote, against ../shared/peers/qmle-release
-    python benchmarks/learning.py report --exp-names qmle_dmc --output-dir docs
+    python benchmarks/learning.py print --script aql_discrete.py --env-ids humanoid-walk --seeds 1 2 3
+    # table (markdown) + curves CSV + plot from what the runs wrote, against docs/qmle_release/curves.csv
+    python benchmarks/learning.py report --exp-names qmle_dmc --output-dir docs/qmle_dmc
     # the floor: returns of uniformly random actions (10 episodes per seed)
     python benchmarks/learning.py random --env-ids cartpole-swingup walker-walk
-Extra flags go to every training command as one string: --extra="--target-network-frequency 2000".
+
+Each mode has its own --help. Extra flags go to every training command as one string:
+--extra="--target-network-frequency 2000".
 """
 
 import csv
 import glob
+import math
 import os
 import shlex
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import Annotated, List, Optional, Union
 
 import numpy as np
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELEASE_CURVES = os.path.join(ROOT, "..", "shared", "peers", "qmle-release", "curves.csv")
+RELEASE_CURVES = os.path.join(ROOT, "docs", "qmle_release", "curves.csv")
+# One colour per system in every figure; experiments not named here take the next free one.
+COLOURS = {"release": "black", "qmle_dmc": "C0", "qtopt_cem": "C1", "aql": "C2", "uniformql": "C3",
+           "wolpertinger": "C4", "random": "grey"}
 
 
 @dataclass
-class Args:
-    mode: tyro.conf.Positional[Literal["run", "print", "report", "random"]]
-    """run: train locally; print: emit the commands; report: table and plot from runs/; random: the returns of
-    uniformly random actions, the floor that "it learns" is judged against"""
+class Grid:
     env_ids: List[str] = field(default_factory=lambda: ["cartpole-swingup", "walker-walk"])
     """tasks of the grid"""
     seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
     """seeds of the grid"""
     total_timesteps: int = 100_000
     """environment steps per run"""
-    exp_name: str = "qmle_dmc"
-    """experiment name given to the runs (run/print)"""
-    script: str = os.path.join(ROOT, "qmle_dmc.py")
-    """the training script (a frozen copy keeps long queues safe from edits to the working tree)"""
+    script: str = "qmle_dmc.py"
+    """the training script, relative to the repository (a frozen copy elsewhere keeps long queues safe from
+    edits to the working tree)"""
+    exp_name: Optional[str] = None
+    """experiment name given to the runs (default: the script's name)"""
     extra: str = ""
-    """further qmle_dmc.py flags for every run, as one string"""
+    """further flags of the training script for every run, as one string"""
+
+
+@dataclass
+class Run(Grid):
+    """Train the grid locally, --jobs runs at a time, each logging to runs/logs/{exp}__{env}__{seed}.log."""
+
     jobs: int = 2
-    """runs at a time (run mode)"""
+    """runs at a time (on one GPU, each run allocates GPU memory as it needs it instead of most of it up front)"""
     pin_cores: bool = False
     """pin run i to core i mod cores with taskset, so parallel runs do not fight over caches (Linux)"""
     runs_dir: str = "runs"
-    """where the training runs write (report mode reads it)"""
+    """where the training runs write"""
+
+
+@dataclass
+class Print(Grid):
+    """Print the grid's training commands, one per line (for a cluster scheduler)."""
+
+
+@dataclass
+class Report:
+    """Markdown tables, learning_curves.csv and learning_curves.png from runs/*/metrics.csv (and saved curves)."""
+
     exp_names: List[str] = field(default_factory=lambda: ["qmle_dmc"])
-    """experiments to report, each a group of runs"""
+    """experiments to report, each the group of runs named runs/{env}__{exp}__{seed}__{time}"""
+    runs_dir: str = "runs"
+    """where the training runs wrote"""
+    curves: List[str] = field(default_factory=list)
+    """learning_curves.csv files of earlier reports to read experiments from as well (runs/ wins for a name both
+    hold)"""
+    labels: List[str] = field(default_factory=list)
+    """EXP=LABEL: what the tables and legends call an experiment (e.g. "uniformql=UniformQL (N = 0, M = 500)")"""
     release_curves: str = RELEASE_CURVES
-    """the authors' release curves (env_id, seed, step, episodic_return) to compare against"""
+    """the authors' release curves (env_id, seed, step, episodic_return) to compare against ('' = none)"""
     output_dir: str = "docs"
-    """report mode: where learning_curves.csv and learning_curves.png go"""
+    """where learning_curves.csv and learning_curves.png go"""
     last_episodes: int = 10
-    """report mode: episodes averaged at the end of each run; random mode: episodes per task and seed"""
+    """episodes averaged at the end of each run"""
+    min_steps: int = 0
+    """leave out runs that have not reached this many steps (e.g. runs still going)"""
+    windows: List[str] = field(default_factory=list)
+    """further step windows START-END (e.g. 20000-60000) to average each run's returns over"""
     metrics: List[str] = field(default_factory=list)
-    """report mode: further logged columns (e.g. charts/amortisation_gap) to average over each run's last
-    --last-episodes logged values"""
+    """further logged columns (e.g. charts/amortisation_gap) to average over each run's last --last-episodes
+    logged values"""
     reach: List[str] = field(default_factory=list)
-    """report mode: bars as ENV_ID=RETURN (e.g. Pendulum-v1=-200): per run, the first step at which the mean
-    of the last --last-episodes episodes reaches the bar"""
+    """bars as ENV_ID=RETURN (e.g. Pendulum-v1=-200): per run, the first step at which the mean of the last
+    --last-episodes episodes reaches the bar"""
 
 
-def commands(args: Args) -> List[List[str]]:
-    return [[sys.executable, args.script, "--env-id", env_id, "--seed", str(seed), "--total-timesteps",
-             str(args.total_timesteps), "--exp-name", args.exp_name, *shlex.split(args.extra)]
+@dataclass
+class Random:
+    """The floor that "it learns" is judged against: the mean return of uniformly random actions."""
+
+    env_ids: List[str] = field(default_factory=lambda: ["cartpole-swingup", "walker-walk"])
+    """tasks"""
+    seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
+    """seeds, each its own environment"""
+    episodes: int = 10
+    """episodes per task and seed"""
+
+
+Mode = Union[Annotated[Run, tyro.conf.subcommand("run")], Annotated[Print, tyro.conf.subcommand("print")],
+             Annotated[Report, tyro.conf.subcommand("report")], Annotated[Random, tyro.conf.subcommand("random")]]
+
+
+def fail(message: str) -> None:
+    raise SystemExit(f"error: {message}")
+
+
+def check(args) -> None:
+    for name in ("total_timesteps", "jobs", "last_episodes", "episodes"):
+        if getattr(args, name, 1) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for option, items, numbers in (("--reach", getattr(args, "reach", []), 1), ("--windows", getattr(args, "windows", []), 2)):
+        for item in items:
+            parts = item.rsplit("=", 1)[1:] if option == "--reach" else item.split("-")
+            try:
+                values = [float(p) for p in parts]
+            except ValueError:
+                values = []
+            if len(values) != numbers or not all(map(math.isfinite, values)):
+                fail(f"{option} {item!r}: expected {'ENV_ID=RETURN' if numbers == 1 else 'START-END'} with finite "
+                     "numbers")
+    for label in getattr(args, "labels", []):
+        if "=" not in label:
+            fail(f"--labels {label!r}: expected EXP=LABEL")
+    if isinstance(args, Grid) and not os.path.isfile(os.path.join(ROOT, args.script)):
+        fail(f"--script: no such file: {args.script}")
+
+
+def exp_name(args: Grid) -> str:
+    return args.exp_name or os.path.basename(args.script)[: -len(".py")]
+
+
+def commands(args: Grid) -> List[List[str]]:
+    return [[sys.executable, os.path.join(ROOT, args.script), "--env-id", env_id, "--seed", str(seed),
+             "--total-timesteps", str(args.total_timesteps), "--exp-name", exp_name(args), *shlex.split(args.extra)]
             for env_id in args.env_ids for seed in args.seeds]
 
 
-def run(args: Args) -> None:
+def run(args: Run) -> None:
     todo, running, cores = list(enumerate(commands(args))), [], os.cpu_count() or 1
     os.makedirs(os.path.join(args.runs_dir, "logs"), exist_ok=True)
+    # Runs that share one GPU must not each take most of its memory up front (JAX's default).
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false") if args.jobs > 1 else None
     while todo or running:
         running = [p for p in running if p.poll() is None]
         while todo and len(running) < args.jobs:
             i, cmd = todo.pop(0)
             cmd = ["taskset", "-c", str(i % cores), *cmd] if args.pin_cores else cmd
-            log = os.path.join(args.runs_dir, "logs", f"{args.exp_name}__{cmd[cmd.index('--env-id') + 1]}__"
+            log = os.path.join(args.runs_dir, "logs", f"{exp_name(args)}__{cmd[cmd.index('--env-id') + 1]}__"
                                f"{cmd[cmd.index('--seed') + 1]}.log")
             print(f"starting ({log}): {shlex.join(cmd)}", flush=True)
-            running.append(subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+            running.append(subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
                                             cwd=os.path.dirname(os.path.abspath(args.runs_dir))))
         time.sleep(5)
 
 
-def read_runs(runs_dir: str, exp_name: str) -> dict:
-    """{(env_id, seed): [(step, episodic_return), ...]} from runs/{env}__{exp}__{seed}__{time}/metrics.csv."""
-    return read_metric(runs_dir, exp_name, "charts/episodic_return")
-
-
-def read_metric(runs_dir: str, exp_name: str, column: str) -> dict:
-    """{(env_id, seed): [(step, value), ...]} of one logged column, rows where it is empty skipped."""
+def read_metric(runs_dir: str, exp: str, column: str) -> dict:
+    """{(env_id, run): [(step, value), ...]} of one logged column from runs/{env}__{exp}__{seed}__{time}/,
+    rows where it is empty skipped. A run is its seed, or "seed (time)" when the seed ran more than once."""
+    paths = sorted(glob.glob(os.path.join(runs_dir, f"*__{exp}__*__*", "metrics.csv")))
+    names = [os.path.basename(os.path.dirname(p)).split("__") for p in paths]
+    runs_per_seed = Counter((env_id, seed) for env_id, _, seed, _ in names)
     series = {}
-    for path in sorted(glob.glob(os.path.join(runs_dir, f"*__{exp_name}__*__*", "metrics.csv"))):
-        env_id, _, seed, _ = os.path.basename(os.path.dirname(path)).split("__")
+    for path, (env_id, _, seed, stamp) in zip(paths, names):
         rows = [r for r in csv.DictReader(open(path)) if r.get(column)]
-        series[(env_id, int(seed))] = [(int(r["global_step"]), float(r[column])) for r in rows]
+        run_id = f"{seed} ({stamp})" if runs_per_seed[(env_id, seed)] > 1 else seed
+        series[(env_id, run_id)] = [(int(r["global_step"]), float(r[column])) for r in rows]
     return series
 
 
-def read_release(path: str) -> dict:
-    curves = defaultdict(list)
+def read_curves(path: str) -> dict:
+    """{exp_name: {(env_id, run): [(step, return), ...]}} of a learning_curves.csv or the release's curves.csv."""
+    groups = defaultdict(lambda: defaultdict(list))
     for r in csv.DictReader(open(path)):
-        curves[(r["env_id"], int(r["seed"]))].append((int(r["step"]), float(r["episodic_return"])))
-    return dict(curves)
+        groups[r.get("exp_name", "release")][(r["env_id"], r["seed"])].append((int(r["step"]),
+                                                                               float(r["episodic_return"])))
+    return {name: dict(curves) for name, curves in groups.items()}
 
 
 def first_reach(points: list, bar: float, window: int) -> Optional[int]:
@@ -122,74 +203,119 @@ def first_reach(points: list, bar: float, window: int) -> Optional[int]:
     return None
 
 
-def report(args: Args) -> None:
+def window_mean(points: list, start: float, end: float) -> float:
+    """Mean return of the episodes that ended in (start, end]; nan if the run has not reached `end`."""
+    inside = [r for s, r in points if start < s <= end]
+    return float(np.mean(inside)) if inside and points[-1][0] >= end else float("nan")
+
+
+def summary(values: list) -> str:
+    """mean ± standard error over runs, as the tables print it."""
+    values = [v for v in values if not math.isnan(v)]
+    if len(values) < 2:
+        return f"{np.mean(values):.1f}" if values else "-"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1) / np.sqrt(len(values)):.1f}"
+
+
+def report(args: Report) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {name: read_runs(args.runs_dir, name) for name in args.exp_names}
-    groups["release"] = read_release(args.release_curves) if os.path.isfile(args.release_curves) else {}
+    labels = dict(item.split("=", 1) for item in args.labels)
+    label = lambda name: labels.get(name, "authors' release (PyTorch)" if name == "release" else name)  # noqa: E731
+    groups = {}
+    for path in args.curves:
+        groups.update({k: v for k, v in read_curves(path).items() if k in args.exp_names})
+    for name in args.exp_names:
+        groups[name] = read_metric(args.runs_dir, name, "charts/episodic_return") or groups.get(name, {})
+    if args.release_curves and os.path.isfile(args.release_curves):
+        groups = {"release": read_curves(args.release_curves)["release"], **groups}
+    for name, curves in groups.items():
+        for (env_id, run_id), points in list(curves.items()):
+            if not points or points[-1][0] < args.min_steps:
+                print(f"note: {name} on {env_id}, run {run_id}, is at step {points[-1][0] if points else 0}"
+                      f"{' (no finished episode)' if not points else ''}; left out")
+                del curves[(env_id, run_id)]
+            elif " (" in str(run_id):
+                print(f"note: {name} on {env_id}: seed {run_id.split()[0]} ran more than once; each run is reported")
+
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "learning_curves.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["exp_name", "env_id", "seed", "step", "episodic_return"])
         for name, curves in groups.items():
-            for (env_id, seed), points in sorted(curves.items()):
-                writer.writerows([name, env_id, seed, s, r] for s, r in points)
+            for (env_id, run_id), points in sorted(curves.items()):
+                writer.writerows([name, env_id, run_id, s, r] for s, r in points)
 
-    env_ids = sorted({env for name in args.exp_names for env, _ in groups[name]})  # release-only tasks left out
-    print(f"| task | experiment | steps | last-{args.last_episodes}-episode return per seed | mean | vs release |")
-    print("|---|---|---|---|---|---|")
-    release_mean = {}
+    env_ids = sorted({env for name in args.exp_names for env, _ in groups.get(name, {})})  # release-only left out
+    windows = [tuple(float(x) for x in w.split("-")) for w in args.windows]
+    headers = ["whole run", "first half", "second half", *(f"{int(a) // 1000}k-{int(b) // 1000}k" for a, b in windows),
+               f"last {args.last_episodes} episodes"]
+    print("Mean return per run (mean ± standard error over runs; per-run values below the table).\n")
+    print(f"| task | system | runs | steps | {' | '.join(headers)} | last {args.last_episodes} vs release |")
+    print("|---|---|---|---|" + "---|" * (len(headers) + 1))
+    per_run_lines, release_last = [], {}
     for env_id in env_ids:
         for name in ["release", *args.exp_names]:
-            finals = {seed: (pts[-1][0], np.mean([r for _, r in pts[-args.last_episodes:]]))
-                      for (env, seed), pts in sorted(groups[name].items()) if env == env_id}
-            if not finals:
+            runs = {run_id: pts for (env, run_id), pts in sorted(groups.get(name, {}).items()) if env == env_id}
+            if not runs:
                 continue
-            mean = float(np.mean([v for _, v in finals.values()]))
-            release_mean.setdefault(env_id, mean if name == "release" else None)
-            ratio = f"{mean / release_mean[env_id]:.0%}" if release_mean[env_id] else "-"
-            per_seed = ", ".join(f"{seed}: {v:.1f}" for seed, (_, v) in finals.items())
-            steps = min(s for s, _ in finals.values())
-            print(f"| {env_id} | {name} | {steps} | {per_seed} | {mean:.1f} | {ratio} |")
+            steps = min(pts[-1][0] for pts in runs.values())  # every run judged over the same steps
+            columns = [[window_mean(pts, 0, steps) for pts in runs.values()],
+                       [window_mean(pts, 0, steps / 2) for pts in runs.values()],
+                       [window_mean(pts, steps / 2, steps) for pts in runs.values()],
+                       *([window_mean(pts, a, b) for pts in runs.values()] for a, b in windows),
+                       [float(np.mean([r for s, r in pts if s <= steps][-args.last_episodes:])) for pts in runs.values()]]
+            mean_last = float(np.mean(columns[-1]))
+            release_last.setdefault(env_id, mean_last if name == "release" else None)
+            ratio = f"{mean_last / release_last[env_id]:.0%}" if release_last[env_id] else "-"
+            print(f"| {env_id} | {label(name)} | {len(runs)} | {steps} | "
+                  + " | ".join(summary(c) for c in columns) + f" | {ratio} |")
+            for header, column in zip(headers, columns):
+                per_run_lines.append(f"| {env_id} | {label(name)} | {header} | "
+                                     + ", ".join(f"{run_id}: {v:.1f}" for run_id, v in zip(runs, column)) + " |")
+    print("\n| task | system | returns over | per run |\n|---|---|---|---|\n" + "\n".join(per_run_lines))
 
     for metric in args.metrics:
         for name in args.exp_names:
-            for (env_id, seed), values in sorted(read_metric(args.runs_dir, name, metric).items()):
+            for (env_id, run_id), values in sorted(read_metric(args.runs_dir, name, metric).items()):
                 if values:
                     last = [v for _, v in values[-args.last_episodes:]]
-                    print(f"| {env_id} | {name} | seed {seed} | {metric}, last {len(last)} logged values "
+                    print(f"| {env_id} | {name} | seed {run_id} | {metric}, last {len(last)} logged values "
                           f"(steps {values[-len(last)][0]}-{values[-1][0]}) | {np.mean(last):.4f} |")
     for bar in args.reach:
         env_id, value = bar.rsplit("=", 1)
         for name in args.exp_names:
-            firsts = {seed: first_reach(pts, float(value), args.last_episodes)
-                      for (env, seed), pts in sorted(groups[name].items()) if env == env_id}
+            firsts = {run_id: first_reach(pts, float(value), args.last_episodes)
+                      for (env, run_id), pts in sorted(groups.get(name, {}).items()) if env == env_id}
             print(f"| {env_id} | {name} | last-{args.last_episodes} mean >= {value} first at step | "
-                  + ", ".join(f"{seed}: {'never' if step is None else step}" for seed, step in firsts.items()) + " |")
+                  + ", ".join(f"{run_id}: {'never' if s is None else s}" for run_id, s in firsts.items()) + " |")
 
-    fig, axes = plt.subplots(1, len(env_ids), figsize=(5 * len(env_ids), 3.6), squeeze=False)
+    free = iter(f"C{i}" for i in range(5, 10))
+    colours = {name: COLOURS.get(name) or next(free) for name in groups}
+    fig, axes = plt.subplots(1, len(env_ids), figsize=(5 * len(env_ids), 3.8), squeeze=False)
     for ax, env_id in zip(axes[0], env_ids):
-        for colour, (name, curves) in enumerate(groups.items()):  # one colour per experiment in every panel
+        for name, curves in groups.items():
             runs = [pts for (env, _), pts in curves.items() if env == env_id]
             if not runs:
                 continue
             grid = np.arange(1000, min(pts[-1][0] for pts in runs) + 1, 1000)
             values = np.array([np.interp(grid, *zip(*pts)) for pts in runs])
-            mean, sem = values.mean(0), values.std(0) / np.sqrt(len(runs))
-            ax.plot(grid, mean, color=f"C{colour}", label=f"{name} ({len(runs)} seeds)")
-            ax.fill_between(grid, mean - sem, mean + sem, color=f"C{colour}", alpha=0.25)
+            mean = values.mean(0)
+            sem = values.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
+            ax.plot(grid, mean, color=colours[name], label=f"{label(name)} ({len(runs)} seeds)")
+            ax.fill_between(grid, mean - sem, mean + sem, color=colours[name], alpha=0.2, linewidth=0)
         ax.set(title=env_id, xlabel="environment steps", ylabel="episodic return")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, title="mean; band: ±1 standard error over seeds", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(args.output_dir, "learning_curves.png"), dpi=110)
-    print(f"wrote {args.output_dir}/learning_curves.csv and learning_curves.png")
+    print(f"\nwrote {args.output_dir}/learning_curves.csv and learning_curves.png")
 
 
-def random_returns(args: Args) -> dict:
-    """Mean return of uniformly random actions over `last_episodes` episodes per seed, per task."""
+def random_returns(args: Random) -> dict:
+    """Mean return of uniformly random actions over `episodes` episodes per seed, per task."""
     sys.path.insert(0, ROOT)
     import qmle_dmc
 
@@ -199,7 +325,7 @@ def random_returns(args: Args) -> dict:
         for seed in args.seeds:
             env = qmle_dmc.make_env(env_id, seed)
             env.reset(seed=seed)
-            for _ in range(args.last_episodes):
+            for _ in range(args.episodes):
                 done = False
                 while not done:
                     _, _, terminated, truncated, info = env.step(env.action_space.sample())
@@ -211,16 +337,17 @@ def random_returns(args: Args) -> dict:
     return means
 
 
-def main(args: Args) -> None:
-    if args.mode == "print":
+def main(args) -> None:
+    check(args)
+    if isinstance(args, Print):
         print("\n".join(shlex.join(c) for c in commands(args)))
-    elif args.mode == "run":
+    elif isinstance(args, Run):
         run(args)
-    elif args.mode == "random":
+    elif isinstance(args, Random):
         random_returns(args)
     else:
         report(args)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Mode))

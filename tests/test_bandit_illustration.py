@@ -125,7 +125,10 @@ def test_documented_outcomes_on_fixed_seeds(results):
 
 @pytest.mark.parametrize("argv, message", [
     (["--num-seeds", "0"], "--num-seeds must be >= 1"),
-    (["--output-dir", "/nonexistent-parent-dir/figures"], "does not exist"),
+    (["--output-dir", __file__], "exists and is not a folder"),
+    (["--ou-theta", "inf"], "--ou-theta must be a finite number, got inf"),
+    (["--epsilon", "nan"], "--epsilon must be a finite number, got nan"),
+    (["--init-radius", "0.7"], "--init-radius must be < 0.65"),  # the delta would start outside the action box
 ])
 def test_bad_arguments_fail_with_one_line(argv, message):
     proc = run_script("bandit_illustration.py", *argv, timeout=120)

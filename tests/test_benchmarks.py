@@ -10,14 +10,14 @@ import tyro
 import yaml
 
 import qmle_dmc as q
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import learning  # noqa: E402
 
 
 def test_runner_expands_env_ids_times_seeds_into_valid_training_commands():
-    args = tyro.cli(learning.Args, args=["print", "--env-ids", "cartpole-swingup", "walker-walk", "--seeds", "1", "2",
+    args = tyro.cli(learning.Mode, args=["print", "--env-ids", "cartpole-swingup", "walker-walk", "--seeds", "1", "2",
                                          "3", "--exp-name", "grid", "--extra=--target-network-frequency 2000"])
     commands = learning.commands(args)
     assert len(commands) == 6
@@ -29,8 +29,40 @@ def test_runner_expands_env_ids_times_seeds_into_valid_training_commands():
         assert parsed.total_timesteps == 100_000
 
 
-def write_run(runs_dir, env_id, exp, seed, returns):
-    run_dir = os.path.join(runs_dir, f"{env_id}__{exp}__{seed}__123")
+def test_runs_of_another_script_are_named_after_it():
+    import wolpertinger
+
+    (command,) = learning.commands(tyro.cli(learning.Mode, args=["print", "--script", "wolpertinger.py", "--env-ids",
+                                                                 "Pendulum-v1", "--seeds", "4", "--extra=--k 7"]))
+    assert command[1].endswith("wolpertinger.py")
+    parsed = tyro.cli(wolpertinger.Args, args=command[2:])
+    assert (parsed.exp_name, parsed.seed, parsed.k) == ("wolpertinger", 4, 7)
+
+
+def test_each_mode_has_its_own_help():
+    texts = {}
+    for mode in ("run", "report"):
+        result = run_script(os.path.join("benchmarks", "learning.py"), mode, "--help")
+        assert result.returncode == 0
+        texts[mode] = result.stdout
+    assert "--jobs" in texts["run"] and "--jobs" not in texts["report"]
+    assert "--last-episodes" in texts["report"] and "--last-episodes" not in texts["run"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["report", "--reach", "walker-walk=nan"], "--reach 'walker-walk=nan': expected ENV_ID=RETURN with finite numbers"),
+    (["report", "--windows", "20000-inf"], "--windows '20000-inf': expected START-END with finite numbers"),
+    (["report", "--last-episodes", "0"], "--last-episodes must be >= 1, got 0"),
+    (["run", "--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["print", "--script", "nope.py"], "--script: no such file: nope.py"),
+])
+def test_bad_flags_of_the_learning_runner_give_one_line(flags, message):
+    result = run_script(os.path.join("benchmarks", "learning.py"), *flags)
+    assert result.returncode == 1 and result.stderr.strip() == f"error: {message}"
+
+
+def write_run(runs_dir, env_id, exp, seed, returns, stamp=123):
+    run_dir = os.path.join(runs_dir, f"{env_id}__{exp}__{seed}__{stamp}")
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "metrics.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -40,28 +72,42 @@ def write_run(runs_dir, env_id, exp, seed, returns):
             writer.writerow([1000 * (i + 1) + 1, "", 100.0])  # rows without a return are skipped
 
 
-def test_report_averages_the_last_episodes_against_the_release(tmp_path, capsys):
+def test_report_averages_the_whole_run_its_halves_and_its_end_against_the_release(tmp_path, capsys):
     runs = tmp_path / "runs"
     for seed, offset in [(1, 0.0), (2, 10.0)]:
         write_run(str(runs), "walker-walk", "mine", seed, [offset + i for i in range(30)])
+    write_run(str(runs), "walker-walk", "mine", 3, [])  # started, no episode finished yet
     release = tmp_path / "release.csv"
     with open(release, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["env_id", "seed", "step", "episodic_return"])
         writer.writerows(["walker-walk", 1, 1000 * (i + 1), 40.0] for i in range(30))
-    learning.report(learning.Args(mode="report", runs_dir=str(runs), exp_names=["mine"],
-                                  release_curves=str(release), output_dir=str(tmp_path / "out"), last_episodes=10,
-                                  metrics=["charts/SPS"], reach=["walker-walk=25"]))
+    learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine"], release_curves=str(release),
+                                    output_dir=str(tmp_path / "out"), last_episodes=10, metrics=["charts/SPS"],
+                                    reach=["walker-walk=25"], windows=["10000-20000"], labels=["mine=Mine"]))
     table = capsys.readouterr().out
+    assert "note: mine on walker-walk, run 3, is at step 0 (no finished episode); left out" in table
     assert "| walker-walk | mine | seed 1 | charts/SPS, last 10 logged values (steps 21001-30001) | 100.0000 |" in table
     # seed 1 ends at 24.5 (20..29), never 25; seed 2 first at its 21st episode (returns 21..30, mean 25.5)
     assert "| walker-walk | mine | last-10 mean >= 25 first at step | 1: never, 2: 21000 |" in table
-    # seed 1: mean of 20..29 = 24.5; seed 2: 34.5; mean 29.5; release 40 -> 74%
-    assert "| walker-walk | mine | 30000 | 1: 24.5, 2: 34.5 | 29.5 | 74% |" in table
-    assert "| walker-walk | release | 30000 | 1: 40.0 | 40.0 | 100% |" in table
+    # whole run: 14.5 and 24.5 (mean 19.5, s.e. 5.0); halves: 7 and 17 (steps 1k-15k), 22 and 32; 10k-20k
+    # (episodes ending at 11k..20k): 14.5 and 24.5; last 10: 24.5 and 34.5, 29.5 against the release's 40: 74%
+    assert ("| walker-walk | Mine | 2 | 30000 | 19.5 ± 5.0 | 12.0 ± 5.0 | 27.0 ± 5.0 | 19.5 ± 5.0 | 29.5 ± 5.0 "
+            "| 74% |") in table
+    assert "| walker-walk | authors' release (PyTorch) | 1 | 30000 | 40.0 | 40.0 | 40.0 | 40.0 | 40.0 | 100% |" in table
+    assert "| walker-walk | Mine | first half | 1: 7.0, 2: 17.0 |" in table
     rows = list(csv.DictReader(open(tmp_path / "out" / "learning_curves.csv")))
     assert len(rows) == 90 and {r["exp_name"] for r in rows} == {"mine", "release"}
     assert os.path.getsize(tmp_path / "out" / "learning_curves.png") > 10_000
+
+    # An earlier report's curves stand in for runs that are gone; a seed run twice is reported twice, said so.
+    write_run(str(runs), "walker-walk", "mine", 2, [5.0] * 30, stamp=456)
+    learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine", "old"], release_curves="",
+                                    curves=[str(tmp_path / "out" / "learning_curves.csv")],
+                                    output_dir=str(tmp_path / "again")))
+    table = capsys.readouterr().out
+    assert "note: mine on walker-walk: seed 2 ran more than once; each run is reported" in table
+    assert "| walker-walk | mine | last 10 episodes | 1: 24.5, 2 (123): 34.5, 2 (456): 5.0 |" in table
 
 
 def test_sweep_file_runs_the_same_grid_with_real_flags():
@@ -123,7 +169,7 @@ def test_speed_benchmark_times_every_agent_against_the_matmul(monkeypatch, tmp_p
 
 
 def test_random_floor_is_the_mean_return_of_random_actions(capsys):
-    means = learning.random_returns(learning.Args(mode="random", env_ids=["Pendulum-v1"], seeds=[1, 2], last_episodes=3))
+    means = learning.random_returns(learning.Random(env_ids=["Pendulum-v1"], seeds=[1, 2], episodes=3))
     # Random torques leave the pendulum swinging: about -1200 per 200-step episode, never near 0.
     assert -1800 < means["Pendulum-v1"] < -800
     assert "| Pendulum-v1 | uniformly random actions | 6 episodes |" in capsys.readouterr().out

@@ -88,13 +88,18 @@ def test_results_file_and_figure(results):
 
 def test_documented_outcomes_on_fixed_seeds(results):
     _, res = results
-    assert res["vdn"] == [5.0, 5.0, 5.0]  # linear decomposition settles on the safe joint action
-    assert res["qmle"] == [11.0, 11.0, 11.0]  # the joint Q with decentralised predictors reaches the optimum
+    # The reward of each seed's final greedy joint action; payoffs differ by at least 1, so a tolerance of 0.5
+    # names the joint action: linear decomposition settles on the safe one (5), QMLE reaches the optimum (11).
+    np.testing.assert_allclose(res["vdn"], 5.0, atol=0.5)
+    np.testing.assert_allclose(res["qmle"], 11.0, atol=0.5)
+    assert len(res["vdn"]) == len(res["qmle"]) == 3
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--num-seeds", "0"], "--num-seeds must be >= 1"),
-    (["--output-dir", "/nonexistent-parent-dir/figures"], "does not exist"),
+    (["--output-dir", __file__], "exists and is not a folder"),
+    (["--local-std", "nan"], "--local-std must be a finite number, got nan"),
+    (["--learning-rate", "-inf"], "--learning-rate must be a finite number, got -inf"),
 ])
 def test_bad_arguments_fail_with_one_line(argv, message):
     proc = run_script("climbing_game.py", *argv, timeout=120)

@@ -642,3 +642,17 @@ def test_evaluation_records_a_video_offscreen(tmp_path):
     # a frame per step plus the reset frame (the encoder may pad one); InvertedPendulum pays 1 per step
     assert int(returns[0]) + 1 <= reader.count_frames() <= int(returns[0]) + 2
     assert frame.ndim == 3 and frame.shape[-1] == 3 and frame.std() > 1  # a rendered image, not a blank
+
+
+@pytest.mark.parametrize("env_id, fps", [("cartpole-swingup", 100), ("Pendulum-v1", 30)])
+def test_videos_play_at_the_tasks_own_speed(tmp_path, env_id, fps):
+    # DeepMind Control: one frame per 0.01 s control step of cartpole; Gymnasium's classic control: its declared 30.
+    env = q.record_video(q.make_env(env_id, 0, render=True), str(tmp_path))
+    env.reset(seed=0)
+    for _ in range(20):
+        env.step(env.action_space.sample())
+    env.close()  # an unfinished episode's video is written on close
+    (video,) = glob.glob(str(tmp_path / "*.mp4"))
+    reader = imageio.get_reader(video)
+    assert reader.get_meta_data()["fps"] == fps and reader.count_frames() == 21  # the reset frame and 20 steps
+
