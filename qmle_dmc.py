@@ -12,7 +12,6 @@ TMLR 2025 (arXiv 2410.06317), Algorithm 1 and Appendix B.  Headline run (38 acti
     python qmle_dmc.py --env-id dog-walk --m-target 100
 """
 
-import dataclasses
 import functools
 import itertools
 import json
@@ -59,7 +58,8 @@ class Args:
     capture_video: bool = False
     """record videos of the evaluation episodes to runs/{run_name}/videos (renders offscreen with EGL)"""
     save_model: bool = False
-    """save the parameters to runs/{run_name}/qmle_dmc.flax at the end"""
+    """save the parameters, with the settings that give them meaning, to runs/{run_name}/{exp_name}.npz at the end
+    (before the final evaluation; a run that stops early saves them too)"""
     load_model: Optional[str] = None
     """path of a saved model: evaluate it greedily for --eval-episodes episodes instead of training"""
 
@@ -95,9 +95,17 @@ class Args:
     m_greedy: int = 1000
     """candidate actions evaluated to act greedily"""
     m_target: int = 100
-    """candidate actions evaluated per replayed transition for the target (the cached arg-max comes on top)"""
+    """candidate actions evaluated per replayed transition for the target (the cached arg-max comes on top).
+    Budgets split by largest remainder: at the default ratios the categorical predictor gets a sample from
+    m = 6 on, the delta predictor from m = 50 on (m = 2: one continuous, one grid sample); the start-up line
+    prints each budget's parts"""
     rho_uniform: float = 0.9
-    """share of each budget sampled uniformly (half from the continuous box, half from the bin grid)"""
+    """share of each budget sampled uniformly (of it, --grid-fraction from the bin grid, the rest continuous)"""
+    grid_fraction: float = 0.5
+    """share of the uniform samples drawn from the bin grid (the release's half; 0 = continuous only, paper Fig. 8)"""
+    cache_argmax: bool = True
+    """put each transition's cached arg-max into its target search (Alg. 1; the paper counts it as amortisation:
+    --no-cache-argmax with --rho-uniform 1 is Fig. 8's uniform-only variant)"""
     rho_delta: float = 0.01
     """share of each budget from the delta predictor (its point, then Gaussian perturbations)"""
     rho_categorical: float = 0.09
@@ -156,7 +164,7 @@ def check_args(args: Args) -> None:
     for name, low in {**at_least, **at_least_zero}.items():
         if getattr(args, name) < low:
             fail(f"--{flag(name)} must be >= {low}, got {getattr(args, name)}")
-    for name in ("gamma", "epsilon", "rho_uniform", "rho_delta", "rho_categorical"):
+    for name in ("gamma", "epsilon", "rho_uniform", "rho_delta", "rho_categorical", "grid_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             fail(f"--{flag(name)} must be in [0, 1], got {getattr(args, name)}")
     ratio_sum = args.rho_uniform + args.rho_delta + args.rho_categorical
@@ -174,6 +182,17 @@ def check_args(args: Args) -> None:
               "bound", file=sys.stderr)
     if args.load_model is not None and not os.path.isfile(args.load_model):
         fail(f"--load-model: no such file: {args.load_model}")
+
+
+def warn_of_empty_sources(args: Args, greedy_budget: "Budget", target_budget: "Budget") -> None:
+    """Small budgets round a source's share down to no sample at all (Fig. 9's m = 2): say so at start-up."""
+    shares = (args.rho_uniform * (1 - args.grid_fraction), args.rho_uniform * args.grid_fraction, args.rho_delta,
+              args.rho_categorical)
+    for name, budget in (("--m-greedy", greedy_budget), ("--m-target", target_budget)):
+        for source, share, count in zip(Budget._fields, shares, budget):
+            if share > 0 and count == 0:
+                print(f"warning: {name} {sum(budget)} gives the {source} source no sample although its share is "
+                      f"{share:g}", file=sys.stderr)
 
 
 def flag(name: str) -> str:
@@ -208,10 +227,14 @@ def make_env(env_id: str, seed: int, render: bool = False) -> gym.Env:
     env = gym.make(gym_id, render_mode="rgb_array" if render else None)
     if not isinstance(env.action_space, gym.spaces.Box) or len(env.action_space.shape) != 1:
         fail(f"--env-id {env_id!r} has {env.action_space} actions; {SCRIPT} needs a one-dimensional Box")
+    observations = env.observation_space
     try:
         env = gym.wrappers.FlattenObservation(env)
+        flat = isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
     except Exception:
-        fail(f"--env-id {env_id!r} has {env.observation_space} observations, which do not flatten to a vector")
+        flat = False
+    if not flat:
+        fail(f"--env-id {env_id!r} has {observations} observations, which do not flatten to a vector")
     env = gym.wrappers.DtypeObservation(env, np.float32)
     env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # every search below happens in [-1, 1]^D
     env = gym.wrappers.RecordEpisodeStatistics(env)
@@ -223,6 +246,8 @@ def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
     """make_env(env_id, seed + i) for i < num_envs, in this process for one, one process each for more. Same-step
     autoreset: an episode's last observation comes in infos["final_obs"], the next one's first in its place."""
     fns = [functools.partial(make_worker_env if num_envs > 1 else make_env, env_id, seed + i) for i in range(num_envs)]
+    # Workers are forked before this process has started JAX (main builds them first), so no JAX thread is
+    # copied into them; they only ever step their environment.
     vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
     return vector(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
@@ -404,13 +429,15 @@ class Budget(NamedTuple):
     categorical: int
 
     @staticmethod
-    def split(m: int, rho_uniform: float, rho_delta: float, rho_categorical: float) -> "Budget":
+    def split(m: int, rho_uniform: float, rho_delta: float, rho_categorical: float,
+              grid_fraction: float = 0.5) -> "Budget":
         """Largest-remainder rounding of m * rho, so the parts always add up to m."""
         shares = np.array([rho_uniform, rho_delta, rho_categorical]) * m
         counts = np.floor(shares).astype(int)
         counts[np.argsort(counts - shares)[: m - counts.sum()]] += 1
         uniform, delta, categorical = (int(c) for c in counts)
-        return Budget(uniform - uniform // 2, uniform // 2, delta, categorical)
+        grid = int(uniform * grid_fraction)
+        return Budget(uniform - grid, grid, delta, categorical)
 
 
 SOURCES = ("uniform", "grid", "delta", "categorical", "cached")
@@ -504,13 +531,14 @@ def q_over_candidates(model: QMLENetwork, params, embedding, candidates, states_
 
 
 def target_argmax(model: QMLENetwork, target_params, next_obs, prior, key, budget: Budget, noise_std: float,
-                  discrete: bool = False):
+                  discrete: bool = False, cache_argmax: bool = True):
     """Arg-max over Eq. 21's set (target predictors' samples, uniform samples, the cached prior) under Q-."""
     embedding = model.apply(target_params, next_obs, method=QMLENetwork.observation_stream)
     delta = model.apply(target_params, embedding, method=QMLENetwork.delta)
     logits = model.apply(target_params, embedding, method=QMLENetwork.categorical_logits)
     candidates = sample_candidates(key, delta, logits, budget, noise_std, discrete)
-    candidates = jnp.concatenate([candidates, prior[:, None, :]], axis=1)
+    if cache_argmax:
+        candidates = jnp.concatenate([candidates, prior[:, None, :]], axis=1)
     q = q_over_candidates(model, target_params, embedding, candidates)
     best = q.argmax(axis=1)
     return jnp.take_along_axis(candidates, best[:, None, None], axis=1)[:, 0], q.max(axis=1), best
@@ -518,14 +546,15 @@ def target_argmax(model: QMLENetwork, target_params, next_obs, prior, key, budge
 
 def gradient_step(model: QMLENetwork, state: QMLEState, buffer: ReplayBuffer, key, *, gamma: float, batch_size: int,
                   budget: Budget, noise_std: float, prioritized: bool, alpha: float, beta: float,
-                  priority_epsilon: float, discrete: bool = False, categorical_loss: str = "logits",
-                  predictor_target: str = "refreshed", importance_normalisation: str = "batch"):
+                  priority_epsilon: float, discrete: bool = False, cache_argmax: bool = True,
+                  categorical_loss: str = "logits", predictor_target: str = "refreshed",
+                  importance_normalisation: str = "batch"):
     """Algorithm 1's replay step: sample, refresh each transition's arg-max, write arg-maxes and priorities
     back, take one Adam step on the IS-weighted TD loss plus both predictors' MLE losses."""
     k_sample, k_target = jax.random.split(key)
     index, batch, weights = buffer_sample(buffer, k_sample, batch_size, prioritized, beta)
     next_argmax, next_q, best = target_argmax(model, state.target_params, batch["next_obs"], batch["argmax"],
-                                              k_target, budget, noise_std, discrete)
+                                              k_target, budget, noise_std, discrete, cache_argmax)
     td_target = batch["reward"] + gamma * (1.0 - batch["terminated"]) * next_q
     if prioritized and importance_normalisation == "buffer":  # (p_min / p_i) ** beta: 1 at the rarest stored
         leaves = buffer.tree.shape[0] // 2
@@ -560,7 +589,7 @@ def gradient_step(model: QMLENetwork, state: QMLEState, buffer: ReplayBuffer, ke
 
 @functools.partial(jax.jit, donate_argnames=("buffer",), static_argnames=(
     "model", "updates", "batch_size", "budget", "noise_std", "prioritized", "alpha", "beta", "priority_epsilon",
-    "discrete", "categorical_loss", "predictor_target", "importance_normalisation"))
+    "discrete", "cache_argmax", "categorical_loss", "predictor_target", "importance_normalisation"))
 def update(model: QMLENetwork, state: QMLEState, buffer: ReplayBuffer, new_transitions, key, *, updates: int = 1,
            **settings):
     """One device call per replay period: store the transitions gathered since the last call, then take
@@ -730,10 +759,12 @@ def main(args: Args) -> None:
     action_dim = env.action_space.shape[0]
     example_obs, _ = env.reset(seed=args.seed)
     env.close()
-    envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)  # forked before JAX starts
+    envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)
     model = QMLENetwork(action_dim, args.num_bins)
-    greedy_budget = Budget.split(args.m_greedy, args.rho_uniform, args.rho_delta, args.rho_categorical)
-    target_budget = Budget.split(args.m_target, args.rho_uniform, args.rho_delta, args.rho_categorical)
+    greedy_budget, target_budget = (Budget.split(m, args.rho_uniform, args.rho_delta, args.rho_categorical,
+                                                 args.grid_fraction) for m in (args.m_greedy, args.m_target))
+    if args.load_model is None:
+        warn_of_empty_sources(args, greedy_budget, target_budget)
     key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
     params = jax.jit(model.init)(k_init, example_obs[None], jnp.zeros((1, 1, action_dim)))  # one compile
     params = release_init(params, jax.random.fold_in(k_init, 1), args.bias_init, args.joint_init)
@@ -784,7 +815,7 @@ def main(args: Args) -> None:
         update, model, updates=rows // args.train_frequency, gamma=args.gamma, batch_size=args.batch_size,
         budget=target_budget, noise_std=args.delta_noise_std, prioritized=args.prioritized_replay,
         alpha=args.priority_exponent, beta=args.importance_exponent, priority_epsilon=args.priority_epsilon,
-        categorical_loss=args.categorical_loss, predictor_target=args.predictor_target,
+        cache_argmax=args.cache_argmax, categorical_loss=args.categorical_loss, predictor_target=args.predictor_target,
         importance_normalisation=args.importance_normalisation)
 
     def checkpoint() -> str:

@@ -14,15 +14,21 @@ The baseline that QMLE is compared against (Tavakoli et al. 2025); its headline 
 """
 
 import functools
+import itertools
+import json
+import math
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # render offscreen; must be set before dm_control is imported
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # classic-control tasks render through pygame: no window
+import signal
+import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
-import flax
 import flax.linen as nn
 import gymnasium as gym
 import jax
@@ -52,7 +58,8 @@ class Args:
     capture_video: bool = False
     """record videos of the evaluation episodes to runs/{run_name}/videos (renders offscreen with EGL)"""
     save_model: bool = False
-    """save the parameters to runs/{run_name}/qtopt_cem.flax at the end"""
+    """save the parameters, with the settings that give them meaning, to runs/{run_name}/{exp_name}.npz at the end
+    (before the final evaluation; a run that stops early saves them too)"""
     load_model: Optional[str] = None
     """path of a saved model: evaluate it greedily for --eval-episodes episodes instead of training"""
 
@@ -94,6 +101,17 @@ class Args:
     cem_min_std: float = 0.01
     """floor on each dimension's refitted std (TF-Agents: minimum variance 1e-4, i.e. std 0.01)"""
 
+    num_envs: int = 1
+    """environments stepped together, one process each when > 1; the update-to-data ratio stays one update per
+    --train-frequency environment steps counted over all of them (the paper: 1)"""
+    checkpoint_frequency: int = 0
+    """environment steps between checkpoints of the whole run to runs/{run_name}/checkpoint/, which is written
+    when the run ends or stops early too (0 = off)"""
+    resume: Optional[str] = None
+    """runs/{run_name} of a checkpointed run: continue it there, with its own settings (--total-timesteps, the
+    checkpoint, evaluation and logging flags may change)"""
+    xla_cache: str = "~/.cache/qmle-jax/xla"
+    """persistent XLA compilation cache, so that a second run of the same configuration starts at once ('' = off)"""
     eval_frequency: int = 10_000
     """environment steps between greedy evaluations (0 = never)"""
     eval_episodes: int = 1
@@ -104,24 +122,47 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Reject settings that would crash later or silently train something else."""
-    at_least = dict(total_timesteps=1, cem_samples=1, cem_elites=1, cem_iterations=1, batch_size=1, buffer_size=1,
-                    train_frequency=1, target_network_frequency=1, eval_episodes=1, log_frequency=1)
-    at_least_zero = dict(learning_starts=0, eval_frequency=0, cem_min_std=0.0, priority_epsilon=0.0,
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{flag(name)} must be a finite number, got {value}")
+    at_least = dict(total_timesteps=1, cem_samples=1, cem_elites=1, cem_iterations=1, batch_size=1, train_frequency=1,
+                    num_envs=1, target_network_frequency=1, eval_episodes=1, log_frequency=1)
+    at_least_zero = dict(learning_starts=0, eval_frequency=0, checkpoint_frequency=0, cem_min_std=0.0,
                          priority_exponent=0.0, importance_exponent=0.0)
     for name, low in {**at_least, **at_least_zero}.items():
         if getattr(args, name) < low:
-            fail(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+            fail(f"--{flag(name)} must be >= {low}, got {getattr(args, name)}")
     for name in ("gamma", "epsilon"):
         if not 0.0 <= getattr(args, name) <= 1.0:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+            fail(f"--{flag(name)} must be in [0, 1], got {getattr(args, name)}")
     if args.cem_elites > args.cem_samples:
         fail(f"--cem-elites must be <= --cem-samples ({args.cem_samples}), got {args.cem_elites}")
+    if args.learning_rate <= 0:
+        fail(f"--learning-rate must be > 0, got {args.learning_rate}")
+    if args.prioritized_replay and args.priority_epsilon <= 0:
+        fail(f"--priority-epsilon must be > 0 with prioritised replay, got {args.priority_epsilon}")
+    if args.buffer_size < math.lcm(args.num_envs, args.train_frequency):
+        fail(f"--buffer-size must hold the {math.lcm(args.num_envs, args.train_frequency)} transitions written per "
+             f"update (lcm of --num-envs and --train-frequency), got {args.buffer_size}")
+    if args.gamma == 1.0:
+        print("warning: --gamma 1 on a task without terminal states (all of DeepMind Control) lets Q grow without "
+              "bound", file=sys.stderr)
     if args.load_model is not None and not os.path.isfile(args.load_model):
         fail(f"--load-model: no such file: {args.load_model}")
 
 
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
 def fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
+
+
+SCRIPT = os.path.basename(__file__)
+MODEL_SETTINGS = ("env_id",)  # what a saved model's shapes and meaning depend on, besides the script
+RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_frequency", "resume", "xla_cache", "track", "wandb_project_name",
+                     "wandb_entity", "capture_video", "save_model", "eval_frequency", "eval_episodes", "log_frequency")
 
 
 def dmc_gym_id(env_id: str) -> Optional[str]:
@@ -140,14 +181,36 @@ def make_env(env_id: str, seed: int, render: bool = False) -> gym.Env:
         dmc = ", ".join(f"{d}-{t}" for d, t in suite.ALL_TASKS)
         fail(f"unknown --env-id {env_id!r}; DeepMind Control ids: {dmc}; or any Gymnasium id with Box actions")
     env = gym.make(gym_id, render_mode="rgb_array" if render else None)
-    if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"--env-id {env_id!r} has {type(env.action_space).__name__} actions; qtopt_cem.py needs a Box")
-    env = gym.wrappers.FlattenObservation(env)
+    if not isinstance(env.action_space, gym.spaces.Box) or len(env.action_space.shape) != 1:
+        fail(f"--env-id {env_id!r} has {env.action_space} actions; {SCRIPT} needs a one-dimensional Box")
+    observations = env.observation_space
+    try:
+        env = gym.wrappers.FlattenObservation(env)
+        flat = isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
+    except Exception:
+        flat = False
+    if not flat:
+        fail(f"--env-id {env_id!r} has {observations} observations, which do not flatten to a vector")
     env = gym.wrappers.DtypeObservation(env, np.float32)
     env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # CEM's Gaussian lives in [-1, 1]^D
     env = gym.wrappers.RecordEpisodeStatistics(env)
     env.action_space.seed(seed)
     return env
+
+
+def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
+    """make_env(env_id, seed + i) for i < num_envs, in this process for one, one process each for more. Same-step
+    autoreset: an episode's last observation comes in infos["final_obs"], the next one's first in its place."""
+    fns = [functools.partial(make_worker_env if num_envs > 1 else make_env, env_id, seed + i) for i in range(num_envs)]
+    # Workers are forked before this process has started JAX (main builds them first), so no JAX thread is
+    # copied into them; they only ever step their environment.
+    vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
+    return vector(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def make_worker_env(env_id: str, seed: int) -> gym.Env:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the trainer decides
+    return make_env(env_id, seed)
 
 
 # === replay buffer: begin (identical in every agent script) ===
@@ -326,16 +389,26 @@ class QTOptState(TrainState):
 
 @functools.partial(jax.jit, static_argnames=("model", "cem"))
 def select_action(model: QNetwork, params, obs, key, epsilon, cem: CEM):
-    """CEM's approximate greedy action under Q, or with prob. epsilon a uniform one.
-
-    Returns (action [D], CEM's final std averaged over dimensions, or -1 when the action was random)."""
+    """CEM's approximate greedy actions under Q for each state, or with prob. epsilon a uniform one: obs [N, O] ->
+    (actions [N, D], CEM's final std averaged over dimensions per state, or -1 where the action was random)."""
     k_cem, k_explore, k_random = jax.random.split(key, 3)
-    embedding = model.apply(params, obs[None], method=QNetwork.observation_stream)
+    embedding = model.apply(params, obs, method=QNetwork.observation_stream)
     q_fn = lambda a: model.apply(params, embedding, a, method=QNetwork.q_values)  # noqa: E731
-    action, _, std, _ = cem_maximise(q_fn, k_cem, 1, model.action_dim, cem)
-    random_action = jax.random.uniform(k_random, (model.action_dim,), minval=-1.0, maxval=1.0)
-    explore = jax.random.uniform(k_explore) < epsilon
-    return jnp.where(explore, random_action, action[0]), jnp.where(explore, -1.0, std.mean())
+    greedy, _, std, _ = cem_maximise(q_fn, k_cem, obs.shape[0], model.action_dim, cem)
+    random_action = jax.random.uniform(k_random, greedy.shape, minval=-1.0, maxval=1.0)
+    explore = jax.random.uniform(k_explore, obs.shape[:1]) < epsilon
+    return jnp.where(explore[:, None], random_action, greedy), jnp.where(explore, -1.0, std.mean(-1))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cem"), donate_argnames=("greedy",))
+def act(model: QNetwork, params, obs, key, greedy, epsilon, cem: CEM):
+    """The training loop's one device call per step: the actions for all N environments, the next loop key
+    and the update's key, and CEM's final std summed over the greedy actions, with their count, on the device
+    (greedy = [sum, count], read at log steps only; random actions count in neither)."""
+    key, k_act, k_update = jax.random.split(key, 3)
+    actions, std = select_action(model, params, obs, k_act, epsilon, cem)
+    was_greedy = std >= 0
+    return actions, key, k_update, greedy + jnp.stack([jnp.where(was_greedy, std, 0.0).sum(), was_greedy.sum()])
 
 
 def q_over_candidates(model: QNetwork, params, embedding, candidates, states_per_chunk: int = 32):
@@ -366,15 +439,10 @@ def clipped_double_q(model: QNetwork, target_params, lagged_params, next_obs, ke
     return value, argmax, diagnostics
 
 
-@functools.partial(jax.jit, static_argnames=("model", "batch_size", "cem", "prioritized", "alpha", "beta",
-                                             "priority_epsilon"),
-                   donate_argnames=("buffer",))
-def update(model: QNetwork, state: QTOptState, buffer: ReplayBuffer, new_transitions, key, *, gamma: float,
-           batch_size: int, cem: CEM, prioritized: bool, alpha: float, beta: float, priority_epsilon: float):
-    """One replay period as a single device call: store the steps taken since the last call, sample,
-    compute clipped double-Q targets with CEM, write priorities back, take one Adam step.
-    """
-    buffer = buffer_add(buffer, new_transitions)
+def gradient_step(model: QNetwork, state: QTOptState, buffer: ReplayBuffer, key, *, gamma: float, batch_size: int,
+                  cem: CEM, prioritized: bool, alpha: float, beta: float, priority_epsilon: float):
+    """QT-Opt's replay step: sample, compute clipped double-Q targets with CEM, write priorities back, take one
+    Adam step on the IS-weighted TD loss."""
     k_sample, k_target = jax.random.split(key)
     index, batch, weights = buffer_sample(buffer, k_sample, batch_size, prioritized, beta)
     next_q, _, diagnostics = clipped_double_q(model, state.target_params, state.lagged_params, batch["next_obs"],
@@ -393,32 +461,60 @@ def update(model: QNetwork, state: QTOptState, buffer: ReplayBuffer, new_transit
     return state.apply_gradients(grads=grads), buffer, metrics
 
 
+@functools.partial(jax.jit, donate_argnames=("buffer",), static_argnames=(
+    "model", "updates", "batch_size", "cem", "prioritized", "alpha", "beta", "priority_epsilon"))
+def update(model: QNetwork, state: QTOptState, buffer: ReplayBuffer, new_transitions, key, *, updates: int = 1,
+           **settings):
+    """One device call per replay period: store the transitions gathered since the last call, then take
+    `updates` gradient steps (one per --train-frequency environment steps they span)."""
+    buffer = buffer_add(buffer, new_transitions)
+    if updates == 1:  # the key itself: one environment reproduces the single-environment runs exactly
+        return gradient_step(model, state, buffer, key, **settings)
+    step = lambda carry, k: (lambda s, b, m: ((s, b), m))(*gradient_step(model, *carry, k, **settings))  # noqa: E731
+    (state, buffer), metrics = jax.lax.scan(step, (state, buffer), jax.random.split(key, updates))
+    return state, buffer, jax.tree.map(lambda m: m[-1], metrics)
+
+
 def evaluate(model, params, env_id: str, seed: int, episodes: int, cem: CEM, video_dir: Optional[str] = None) -> list:
-    """Greedy returns (epsilon 0) of `episodes` episodes on a fresh environment."""
+    """Greedy returns (epsilon 0) of `episodes` episodes on a fresh environment reset with seed, seed + 1, ...
+    Training evaluates with --seed + 10000, and so does --load-model, so the two agree."""
     env = make_env(env_id, seed, render=video_dir is not None)
     if video_dir is not None:
-        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
-    key, returns = jax.random.PRNGKey(seed), []
+        env = record_video(env, video_dir)
+    key, greedy, returns = jax.random.PRNGKey(seed), jnp.zeros(2), []
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed + episode)
         done = False
         while not done:
-            key, k_act = jax.random.split(key)
-            action, _ = select_action(model, params, obs, k_act, 0.0, cem)
-            obs, _, terminated, truncated, info = env.step(np.asarray(action))
+            action, key, _, greedy = act(model, params, obs[None], key, greedy, 0.0, cem)
+            obs, _, terminated, truncated, info = env.step(np.asarray(action[0]))
             done = terminated or truncated
         returns.append(float(info["episode"]["r"]))
     env.close()
     return returns
 
 
-class MetricsLogger:
-    """One CSV row per logged step under runs/{run_name}/, mirrored to W&B when tracking."""
+def record_video(env: gym.Env, video_dir: str) -> gym.Env:
+    """Every episode to video_dir, played at the task's real speed (DeepMind Control: one frame per control step)."""
+    if hasattr(env.unwrapped, "_env"):  # Shimmy's DeepMind Control env declares no frame rate of its own
+        env.metadata["render_fps"] = round(1.0 / env.unwrapped._env.control_timestep())
+    return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
 
-    def __init__(self, path: str, columns: list, wandb_run=None):
+
+class MetricsLogger:
+    """One CSV row per logged step under runs/{run_name}/, mirrored to W&B when tracking. A resumed run keeps
+    the rows up to its checkpoint's step and appends after them."""
+
+    def __init__(self, path: str, columns: list, wandb_run=None, resume_step: Optional[int] = None):
         self.columns, self.wandb_run = ["global_step", *columns], wandb_run
-        self.file = open(path, "w", buffering=1)
-        self.file.write(",".join(self.columns) + "\n")
+        kept = []
+        if resume_step is not None and os.path.isfile(path):
+            with open(path) as f:
+                kept = [row for row in list(f)[1:] if int(row.split(",", 1)[0]) <= resume_step]
+        with open(path + ".tmp", "w") as f:
+            f.write(",".join(self.columns) + "\n" + "".join(kept))
+        os.replace(path + ".tmp", path)
+        self.file = open(path, "a", buffering=1)
 
     def log(self, step: int, metrics: dict) -> None:
         values = {k: float(v) for k, v in metrics.items()}
@@ -430,107 +526,261 @@ class MetricsLogger:
         self.file.close()
 
 
+def save_arrays(path: str, tree, meta: dict) -> str:
+    """A pytree's arrays and a JSON header of what they are in one .npz (a saved model, or a checkpoint: the
+    whole run state), written to a temporary file and renamed over the old one: a crash mid-write leaves it
+    intact. Replay storage is cut to its filled rows."""
+    size = int(tree["buffer"].size) if isinstance(tree, dict) and "buffer" in tree else None
+    arrays = {k: np.asarray(v[:size] if k.startswith("['buffer'].storage") else v) for k, v in named_leaves(tree)}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, __meta__=json.dumps(dict(meta, script=SCRIPT)), **arrays)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def named_leaves(tree) -> list:
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def checkpoint_file(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoint", "state.npz")
+
+
+def load_arrays(path: str, option: str) -> tuple:
+    """(meta, {name: array}) of a file save_arrays wrote with this script, or one line saying why not."""
+    if not os.path.isfile(path):
+        fail(f"{option}: no such file: {path}" + (" (--checkpoint-frequency writes one)" * (option == "--resume")))
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays.pop("__meta__")))
+    except Exception as e:
+        fail(f"{option}: {path} is damaged or was not saved by {SCRIPT} ({type(e).__name__})")
+    if meta.get("script") != SCRIPT:
+        fail(f"{option}: {path} was saved by {meta.get('script')}, not {SCRIPT}")
+    return meta, arrays
+
+
+def restore(template, arrays: dict, option: str):
+    """`template` (freshly built parameters or run state) with every array replaced by the saved one."""
+    named, leaves = named_leaves(template), []
+    if {name for name, _ in named} != set(arrays):
+        fail(f"{option}: the file holds {len(arrays)} arrays that do not match this run's {len(named)}")
+    for name, like in named:
+        saved, shape = arrays[name], np.shape(like)
+        fits = saved.shape == shape or (saved.ndim > 0 and saved.shape[1:] == shape[1:] and len(saved) <= shape[0])
+        if not fits or saved.dtype != like.dtype:
+            fail(f"{option}: the saved {name} is {saved.dtype}{list(saved.shape)}, this run's {like.dtype}{list(shape)}")
+        if saved.shape != shape:  # replay storage: its filled rows, the rest zeros as when it was saved
+            saved = np.concatenate([saved, np.zeros((shape[0] - len(saved), *shape[1:]), saved.dtype)])
+        leaves.append(jnp.asarray(saved) if isinstance(like, jax.Array) else saved)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+
+
+def new_run_dir(args: Args) -> str:
+    """runs/{env_id}__{exp_name}__{seed}__{time}, with -2, -3, ... when a run of the same second took it."""
+    stem = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    for n in itertools.count(1):
+        try:
+            os.makedirs(stem if n == 1 else f"{stem}-{n}")
+            return stem if n == 1 else f"{stem}-{n}"
+        except FileExistsError:
+            continue
+
+
+def saved_args(given: Args, saved: dict, option: str, fixed) -> Args:
+    """A saved run's own settings, with the flags given here on top, except those in `fixed`, which must agree."""
+    args, defaults = Args(**saved), Args()
+    for name, value in vars(given).items():
+        if value != getattr(defaults, name) and value != getattr(args, name):
+            if name in fixed:
+                fail(f"{option}: --{flag(name)} {value!r} differs from the saved run's {getattr(args, name)!r}")
+            setattr(args, name, value)
+    return args
+
+
+def stop_on_signals() -> list:
+    """SIGINT and SIGTERM make the training loop stop after its current step, save and exit; a second aborts."""
+    stop = []
+
+    def handler(signum, _frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving (again to abort)", flush=True)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+    return stop
+
+
 def main(args: Args) -> None:
+    started = time.time()
     check_args(args)
-    env = make_env(args.env_id, args.seed)
+    meta = saved = None
+    if args.resume or args.load_model:  # a checkpoint, or a model: both carry the settings they were made with
+        option = "--resume" if args.resume else "--load-model"
+        meta, saved = load_arrays(checkpoint_file(args.resume) if args.resume else args.load_model, option)
+        fixed = [k for k in vars(args) if k not in RESUME_MAY_CHANGE] if args.resume else MODEL_SETTINGS
+        args = saved_args(args, meta["args"], option, fixed)
+    if args.xla_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.xla_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    env = make_env(args.env_id, args.seed)  # one line of error here, not in a worker, for an id it cannot use
     action_dim = env.action_space.shape[0]
+    example_obs, _ = env.reset(seed=args.seed)
+    env.close()
+    envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)
     model = QNetwork(action_dim)
     cem = CEM(args.cem_samples, args.cem_elites, args.cem_iterations, args.cem_min_std)
     key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
-    obs, _ = env.reset(seed=args.seed)
-    params = jax.jit(model.init)(k_init, obs[None], jnp.zeros((1, 1, action_dim)))  # one compile, not op by op
+    params = jax.jit(model.init)(k_init, example_obs[None], jnp.zeros((1, 1, action_dim)))  # one compile
 
-    if args.load_model is not None:
-        with open(args.load_model, "rb") as f:
-            params = flax.serialization.from_bytes(params, f.read())
-        returns = evaluate(model, params, args.env_id, args.seed, args.eval_episodes, cem)
-        print(f"{args.load_model}: greedy return over {len(returns)} episode(s): {np.mean(returns):.2f} {returns}")
+    def evaluation(params, label: str, video_dir: Optional[str] = None) -> float:
+        returns = evaluate(model, params, args.env_id, args.seed + 10_000, args.eval_episodes, cem, video_dir)
+        print(f"{label}  greedy evaluation return {np.mean(returns):.1f} over {len(returns)} episode(s)", flush=True)
+        return float(np.mean(returns))
+
+    if args.load_model is not None:  # the run's own evaluation seeds and CEM settings, unless given here
+        evaluation(restore(params, saved, "--load-model"), args.load_model)
         return
 
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = args.resume.rstrip("/") if args.resume else new_run_dir(args)
+    run_name, checkpoint_path = os.path.basename(run_dir), checkpoint_file(run_dir)
     wandb_run = None
     if args.track:
         import wandb
 
         wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                               name=run_name, save_code=True)
+                               name=run_name, save_code=True, id=meta and meta["wandb_id"],
+                               resume="allow" if meta else None)
     columns = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/td_loss",
                "losses/q_values", "losses/clip_gap", "cem/greedy_final_std", "cem/target_final_std",
                "cem/target_gain", "eval/episodic_return"]
-    logger = MetricsLogger(os.path.join(run_dir, "metrics.csv"), columns, wandb_run)
-    print(f"{run_name}: {action_dim} action dims, CEM {cem.samples} samples, {cem.elites} elites, "
-          f"{cem.iterations} iterations, min std {cem.min_std:g}")
+    logger = MetricsLogger(os.path.join(run_dir, "metrics.csv"), columns, wandb_run,
+                           resume_step=meta and meta["global_step"])
+    print(f"{run_name}: {action_dim} action dims, {args.num_envs} env(s), CEM {cem.samples} samples, "
+          f"{cem.elites} elites, {cem.iterations} iterations, min std {cem.min_std:g}", flush=True)
 
     state = QTOptState.create(apply_fn=model.apply, params=params, target_params=params, lagged_params=params,
                               tx=optax.adam(args.learning_rate))
-    transition = dict(obs=obs, action=np.zeros(action_dim, np.float32), reward=np.float32(0.0), next_obs=obs,
-                      terminated=np.float32(0.0))
-    buffer = buffer_init(transition, args.buffer_size)
-    pending = {k: np.zeros((args.train_frequency, *np.shape(v)), np.float32) for k, v in transition.items()}
+    transition = dict(obs=example_obs, action=np.zeros(action_dim, np.float32), reward=np.float32(0.0),
+                      next_obs=example_obs, terminated=np.float32(0.0))
+    rows = math.lcm(args.num_envs, args.train_frequency)  # transitions per update call, one update per tf of them
+    run = dict(state=jax.tree.map(jnp.asarray, state), buffer=buffer_init(transition, args.buffer_size), key=key,
+               greedy=jnp.zeros(2), pending={k: np.zeros((rows, *np.shape(v)), np.float32)
+                                             for k, v in transition.items()})
+    global_step, episodes = (meta["global_step"], meta["episodes"]) if meta else (0, 0)
+    if meta:
+        run = restore(run, saved, "--resume")
+        print(f"resumed {run_dir} at step {global_step} (episodes restart; metrics.csv continues)", flush=True)
+    state, buffer, key, greedy, pending = (run[k] for k in ("state", "buffer", "key", "greedy", "pending"))
     store = jax.jit(buffer_add, donate_argnums=0)
     train = functools.partial(
-        update, model, gamma=args.gamma, batch_size=args.batch_size, cem=cem, prioritized=args.prioritized_replay,
-        alpha=args.priority_exponent, beta=args.importance_exponent, priority_epsilon=args.priority_epsilon)
-    greedy_std, greedy_steps, train_metrics, last_return = 0.0, 0, {}, float("nan")
-    start_time = time.time()
+        update, model, updates=rows // args.train_frequency, gamma=args.gamma, batch_size=args.batch_size, cem=cem,
+        prioritized=args.prioritized_replay, alpha=args.priority_exponent, beta=args.importance_exponent,
+        priority_epsilon=args.priority_epsilon)
 
-    for global_step in range(1, args.total_timesteps + 1):
-        key, k_act, k_update = jax.random.split(key, 3)
-        action, std = select_action(model, state.params, obs, k_act, args.epsilon, cem)
-        action, std = np.asarray(action), float(std)
-        if std >= 0:  # a greedy step
-            greedy_std, greedy_steps = greedy_std + std, greedy_steps + 1
-        next_obs, reward, terminated, truncated, info = env.step(action)
+    def checkpoint() -> str:
+        return save_arrays(checkpoint_path, dict(state=state, buffer=buffer, key=key, greedy=greedy, pending=pending),
+                           dict(args=vars(args), global_step=global_step, episodes=episodes,
+                                wandb_id=wandb_run and wandb_run.id))
 
-        # A time-limit end is not terminal: the target bootstraps through it (partial-episode bootstrapping).
-        slot = (global_step - 1) % args.train_frequency
-        for k, v in dict(obs=obs, action=action, reward=reward, next_obs=next_obs, terminated=terminated).items():
-            pending[k][slot] = v
-        obs = next_obs
-        if terminated or truncated:
-            logger.log(global_step, {"charts/episodic_return": info["episode"]["r"],
-                                     "charts/episodic_length": info["episode"]["l"]})
-            last_return = float(info["episode"]["r"])
-            obs, _ = env.reset()
+    obs, _ = envs.reset(seed=args.seed)
+    stop, outcome, train_metrics, new_returns = stop_on_signals(), "finished", {}, []
+    first_step, last_log = global_step, (time.time(), global_step)
+    print(f"compiling the greedy action (XLA; cache: {args.xla_cache or 'off'}) ...", flush=True)
+    try:
+        while global_step < args.total_timesteps and not stop:
+            actions, key, k_update, greedy = act(model, state.params, obs, key, greedy, args.epsilon, cem)
+            actions = np.asarray(actions)  # the step's one transfer from the device
+            next_obs, rewards, terminated, truncated, infos = envs.step(actions)
+            # Same-step autoreset: where an episode ended, next_obs holds the next one's first observation and
+            # infos the last one, which is what the transition stores. A time-limit end is not terminal: the
+            # target bootstraps through it (partial-episode bootstrapping).
+            final_obs = next_obs.copy()
+            for i in np.flatnonzero(terminated | truncated):
+                final_obs[i], episode = infos["final_obs"][i], infos["final_info"]["episode"]
+                logger.log(global_step + args.num_envs, {"charts/episodic_return": episode["r"][i],
+                                                         "charts/episodic_length": episode["l"][i]})
+                new_returns.append(float(episode["r"][i]))
+                episodes += 1
+            slot = global_step % rows
+            for k, v in dict(obs=obs, action=actions, reward=rewards, next_obs=final_obs,
+                             terminated=terminated).items():
+                pending[k][slot: slot + args.num_envs] = v
+            obs, previous, global_step = next_obs, global_step, global_step + args.num_envs
+            crossed = lambda period: period > 0 and global_step // period > previous // period  # noqa: E731
+            if previous == first_step:
+                print(f"compiled; first step {time.time() - started:.1f} s after start", flush=True)
 
-        if slot == args.train_frequency - 1:
-            # A copy: on CPU, jax may read a numpy argument in place after the call has returned (asynchronous
-            # dispatch), and `pending` is overwritten from the next step on.
-            chunk = {k: v.copy() for k, v in pending.items()}
-            if global_step >= args.learning_starts:
-                state, buffer, train_metrics = train(state, buffer, chunk, k_update)
-            else:
-                buffer = store(buffer, chunk)
-        # Two lagged target networks, as hard copies: at every copy the first target hands its parameters to
-        # the second and takes the online ones, so the first is 0 to T steps old and the second T to 2T (T =
-        # the period). (TF-Agents keeps three: CEM's arg-max under one, the min over two copies lagging it.)
-        if global_step % args.target_network_frequency == 0:
-            state = state.replace(lagged_params=state.target_params, target_params=state.params)
+            if global_step % rows == 0:
+                # A copy: on CPU, jax may read a numpy argument in place after the call has returned (asynchronous
+                # dispatch), and `pending` is overwritten from the next step on.
+                chunk = {k: v.copy() for k, v in pending.items()}
+                if global_step < args.learning_starts:
+                    buffer = store(buffer, chunk)
+                elif train_metrics:
+                    state, buffer, train_metrics = train(state, buffer, chunk, k_update)
+                else:  # the first update of this process compiles (or loads from the cache): say so, and time it
+                    print(f"step {global_step}: compiling the update ...", flush=True)
+                    state, buffer, train_metrics = train(state, buffer, chunk, k_update)
+                    jax.block_until_ready(state.step)
+                    print(f"first update done {time.time() - started:.1f} s after start", flush=True)
+            # Two lagged target networks, as hard copies: at every copy the first target hands its parameters to
+            # the second and takes the online ones, so the first is 0 to T steps old and the second T to 2T (T =
+            # the period). (TF-Agents keeps three: CEM's arg-max under one, the min over two copies lagging it.)
+            if crossed(args.target_network_frequency):
+                state = state.replace(lagged_params=state.target_params, target_params=state.params)
 
-        if global_step % args.log_frequency == 0:
-            sps = global_step / (time.time() - start_time)
-            acting = {"cem/greedy_final_std": greedy_std / greedy_steps} if greedy_steps else {}
-            logger.log(global_step, {"charts/SPS": sps, **acting, **train_metrics})
-            greedy_std, greedy_steps = 0.0, 0
-            print(f"step {global_step:>8}  return {last_return:8.1f}  SPS {sps:.0f}", flush=True)
-        if args.eval_frequency and (global_step % args.eval_frequency == 0 or global_step == args.total_timesteps):
-            video_dir = os.path.join(run_dir, "videos", f"step{global_step}") if args.capture_video else None
-            returns = evaluate(model, state.params, args.env_id, args.seed + 10_000, args.eval_episodes, cem,
-                               video_dir)
-            logger.log(global_step, {"eval/episodic_return": np.mean(returns)})
-            print(f"step {global_step:>8}  greedy evaluation return {np.mean(returns):.1f}", flush=True)
+            if crossed(args.log_frequency):
+                now, (std_sum, greedy_steps) = time.time(), np.asarray(greedy, np.float64)  # random steps excluded
+                sps = (global_step - last_log[1]) / (now - last_log[0])
+                acting = {"cem/greedy_final_std": std_sum / greedy_steps} if greedy_steps else {}
+                logger.log(global_step, {"charts/SPS": sps, **acting, **train_metrics})
+                greedy, last_log = jnp.zeros(2), (now, global_step)
+                returns = f"{np.mean(new_returns):8.1f}" if new_returns else "       -"
+                eta = time.strftime("%H:%M:%S", time.gmtime(max(args.total_timesteps - global_step, 0) / sps))
+                print(f"step {global_step:>8}  episodes {episodes:>5}  return {returns}  SPS {sps:.0f}  ETA {eta}",
+                      flush=True)
+                new_returns.clear()
+            if crossed(args.checkpoint_frequency):
+                checkpoint()
+            if crossed(args.eval_frequency) and global_step < args.total_timesteps:
+                video_dir = os.path.join(run_dir, "videos", f"step{global_step}") if args.capture_video else None
+                logger.log(global_step, {"eval/episodic_return": evaluation(
+                    state.params, f"step {global_step:>8}", video_dir)})
+        outcome = "interrupted" if stop else outcome
+    except Exception:
+        outcome = "crashed"
+        traceback.print_exc()
 
-    if args.save_model:
-        path = os.path.join(run_dir, f"{args.exp_name}.flax")
-        with open(path, "wb") as f:
-            f.write(flax.serialization.to_bytes(state.params))
-        print(f"model saved to {path}")
+    saved_to = []  # the final model before the final evaluation; a run that stops early keeps its model too
+    try:
+        if args.save_model or outcome != "finished":
+            saved_to.append(save_arrays(os.path.join(run_dir, f"{args.exp_name}.npz"), state.params,
+                                        dict(args=vars(args), global_step=global_step)))
+        if args.checkpoint_frequency:
+            saved_to.append(checkpoint())
+    except Exception as e:
+        print(f"could not save everything: {type(e).__name__}: {e}", flush=True)
+    if outcome == "finished" and args.eval_frequency:
+        video_dir = os.path.join(run_dir, "videos", f"step{global_step}") if args.capture_video else None
+        logger.log(global_step, {"eval/episodic_return": evaluation(
+            state.params, f"step {global_step:>8}", video_dir)})
     logger.close()
-    env.close()
+    envs.close()
     if wandb_run is not None:
-        wandb_run.finish()
+        wandb_run.finish(exit_code=0 if outcome == "finished" else 1)
+    print(f"{outcome} at step {global_step}: metrics in {run_dir}/metrics.csv" + "".join(
+        f", saved {path}" for path in saved_to), flush=True)
+    if args.checkpoint_frequency and outcome != "finished":
+        print(f"continue with: python {SCRIPT} --resume {run_dir}", flush=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, for a caller that goes on
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if outcome != "finished":
+        sys.exit(1 if outcome == "crashed" else 128 + stop[0])
 
 
 if __name__ == "__main__":

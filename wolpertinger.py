@@ -25,15 +25,21 @@ rather than its value at the target actor's in-between point.
 """
 
 import functools
+import itertools
+import json
+import math
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # render offscreen; must be set before dm_control is imported
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # classic-control tasks render through pygame: no window
+import signal
+import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
-import flax
 import flax.linen as nn
 import gymnasium as gym
 import jax
@@ -63,9 +69,11 @@ class Args:
     capture_video: bool = False
     """record videos of the evaluation episodes to runs/{run_name}/videos (renders offscreen with EGL)"""
     save_model: bool = False
-    """save the parameters to runs/{run_name}/wolpertinger.flax at the end"""
+    """save the parameters, with the settings that give them meaning, to runs/{run_name}/{exp_name}.npz at the end
+    (before the final evaluation; a run that stops early saves them too)"""
     load_model: Optional[str] = None
-    """path of a saved model: evaluate it greedily for --eval-episodes episodes instead of training"""
+    """path of a saved model: evaluate it greedily for --eval-episodes episodes instead of training, on its own
+    run's task and settings"""
 
     env_id: str = "Pendulum-v1"
     """Gymnasium id (Box actions are discretised, Discrete ones used as they are) or DeepMind Control `domain-task`"""
@@ -124,6 +132,17 @@ class Args:
     nearest to the target actor's proto-action (costs batch_size * k critic evaluations per update, not
     batch_size); off, the target is DDPG's Q'(s', mu'(s')) at the proto-action itself"""
 
+    num_envs: int = 1
+    """environments stepped together, one process each when > 1; the update-to-data ratio stays one update per
+    --train-frequency environment steps counted over all of them (the paper: 1)"""
+    checkpoint_frequency: int = 0
+    """environment steps between checkpoints of the whole run to runs/{run_name}/checkpoint/, which is written
+    when the run ends or stops early too (0 = off)"""
+    resume: Optional[str] = None
+    """runs/{run_name} of a checkpointed run: continue it there, with its own settings (--total-timesteps, the
+    checkpoint, evaluation and logging flags may change)"""
+    xla_cache: str = "~/.cache/qmle-jax/xla"
+    """persistent XLA compilation cache, so that a second run of the same configuration starts at once ('' = off)"""
     eval_frequency: int = 10_000
     """environment steps between greedy evaluations (0 = never)"""
     eval_episodes: int = 1
@@ -134,28 +153,54 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Reject settings that would crash later or silently train something else."""
-    at_least = dict(total_timesteps=1, batch_size=1, buffer_size=1, train_frequency=1, policy_frequency=1,
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{flag(name)} must be a finite number, got {value}")
+    at_least = dict(total_timesteps=1, batch_size=1, train_frequency=1, policy_frequency=1, num_envs=1,
                     max_actions=1, eval_episodes=1, log_frequency=1)
-    at_least_zero = dict(learning_starts=0, eval_frequency=0, exploration_noise=0.0, priority_epsilon=0.0,
+    at_least_zero = dict(learning_starts=0, eval_frequency=0, checkpoint_frequency=0, exploration_noise=0.0,
                          priority_exponent=0.0, importance_exponent=0.0)
     for name, low in {**at_least, **at_least_zero}.items():
         if getattr(args, name) < low:
-            fail(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+            fail(f"--{flag(name)} must be >= {low}, got {getattr(args, name)}")
     for name in ("gamma", "tau", "epsilon", "end_epsilon", "exploration_fraction", "recall_target"):
         if not 0.0 <= getattr(args, name) <= 1.0:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+            fail(f"--{flag(name)} must be in [0, 1], got {getattr(args, name)}")
     if not 0.0 < args.k_ratio <= 1.0:
         fail(f"--k-ratio must be in (0, 1], got {args.k_ratio}")
     if args.k is not None and args.k < 1:
         fail(f"--k must be >= 1, got {args.k}")
     if args.knn not in ("exact", "approx"):
         fail(f"--knn must be exact or approx, got {args.knn!r}")
+    if args.learning_rate <= 0:
+        fail(f"--learning-rate must be > 0, got {args.learning_rate}")
+    if args.prioritized_replay and args.priority_epsilon <= 0:
+        fail(f"--priority-epsilon must be > 0 with prioritised replay, got {args.priority_epsilon}")
+    if args.buffer_size < math.lcm(args.num_envs, args.train_frequency):
+        fail(f"--buffer-size must hold the {math.lcm(args.num_envs, args.train_frequency)} transitions written per "
+             f"update (lcm of --num-envs and --train-frequency), got {args.buffer_size}")
+    if args.gamma == 1.0:
+        print("warning: --gamma 1 on a task without terminal states (all of DeepMind Control) lets Q grow without "
+              "bound", file=sys.stderr)
     if args.load_model is not None and not os.path.isfile(args.load_model):
         fail(f"--load-model: no such file: {args.load_model}")
 
 
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
 def fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
+
+
+SCRIPT = os.path.basename(__file__)
+# What a saved model's shapes and meaning depend on, besides the script: the task (observation and action spaces),
+# the grid its actions index, and k, because the greedy policy is the critic's best of the k nearest actions, so
+# another k (--k or --k-ratio) would evaluate another policy than the run trained and evaluated.
+MODEL_SETTINGS = ("env_id", "max_actions", "k", "k_ratio")
+RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_frequency", "resume", "xla_cache", "track", "wandb_project_name",
+                     "wandb_entity", "capture_video", "save_model", "eval_frequency", "eval_episodes", "log_frequency")
 
 
 def dmc_gym_id(env_id: str) -> Optional[str]:
@@ -175,16 +220,38 @@ def make_env(env_id: str, seed: int, render: bool = False) -> gym.Env:
         fail(f"unknown --env-id {env_id!r}; DeepMind Control ids: {dmc}; or any Gymnasium id with Box or "
              "Discrete actions")
     env = gym.make(gym_id, render_mode="rgb_array" if render else None)
-    if not isinstance(env.action_space, (gym.spaces.Box, gym.spaces.Discrete)):
-        fail(f"--env-id {env_id!r} has {type(env.action_space).__name__} actions; wolpertinger.py needs Box or "
-             "Discrete")
-    env = gym.wrappers.FlattenObservation(env)
+    box = isinstance(env.action_space, gym.spaces.Box)
+    if not (box and len(env.action_space.shape) == 1 or isinstance(env.action_space, gym.spaces.Discrete)):
+        fail(f"--env-id {env_id!r} has {env.action_space} actions; {SCRIPT} needs a one-dimensional Box or a Discrete")
+    observations = env.observation_space
+    try:
+        env = gym.wrappers.FlattenObservation(env)
+        flat = isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
+    except Exception:
+        flat = False
+    if not flat:
+        fail(f"--env-id {env_id!r} has {observations} observations, which do not flatten to a vector")
     env = gym.wrappers.DtypeObservation(env, np.float32)
-    if isinstance(env.action_space, gym.spaces.Box):
+    if box:
         env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the grid lives in [-1, 1]^D; the env sees its bounds
     env = gym.wrappers.RecordEpisodeStatistics(env)
     env.action_space.seed(seed)
     return env
+
+
+def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
+    """make_env(env_id, seed + i) for i < num_envs, in this process for one, one process each for more. Same-step
+    autoreset: an episode's last observation comes in infos["final_obs"], the next one's first in its place."""
+    fns = [functools.partial(make_worker_env if num_envs > 1 else make_env, env_id, seed + i) for i in range(num_envs)]
+    # Workers are forked before this process has started JAX (main builds them first), so no JAX thread is
+    # copied into them; they only ever step their environment.
+    vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
+    return vector(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def make_worker_env(env_id: str, seed: int) -> gym.Env:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the trainer decides
+    return make_env(env_id, seed)
 
 
 def action_table(space: gym.spaces.Space, max_actions: int) -> np.ndarray:
@@ -205,9 +272,10 @@ def action_table(space: gym.spaces.Space, max_actions: int) -> np.ndarray:
     return np.stack(np.meshgrid(*[values] * dim, indexing="ij"), -1).reshape(-1, dim)
 
 
-def env_action(space: gym.spaces.Space, table: np.ndarray, index: int):
-    """What the environment is given for action `index`: the index itself, or its grid point."""
-    return int(index) if isinstance(space, gym.spaces.Discrete) else table[index]
+def env_action(space: gym.spaces.Space, table: np.ndarray, index):
+    """What the environment is given for action indices (an int, or [N] for N environments): the indices themselves
+    (Discrete), or their grid points ([D], or [N, D])."""
+    return np.asarray(index) if isinstance(space, gym.spaces.Discrete) else table[index]
 
 
 # === replay buffer: begin (identical in every agent script) ===
@@ -350,18 +418,44 @@ class Networks(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("nets",))
 def select_action(nets: Networks, params, table, obs, key, noise_std, epsilon):
-    """Act in one state: proto-action + N(0, noise_std), its k nearest actions, the critic's best of them
-    (or, with prob. epsilon, a uniform one of them).
-
-    Returns (chosen action index, index of the action nearest to the noisy proto-action)."""
+    """Act in N states: proto-actions + N(0, noise_std), the k nearest actions of each, the critic's best of them
+    (or, with prob. epsilon, a uniform one of them): obs [N, O] -> (chosen action indices [N], indices of the
+    actions nearest to the noisy proto-actions [N])."""
     k_noise, k_explore, k_random = jax.random.split(key, 3)
-    proto = nets.actor.apply(params["actor"], obs[None])[0]
+    proto = nets.actor.apply(params["actor"], obs)
     proto = jnp.clip(proto + noise_std * jax.random.normal(k_noise, proto.shape), -1.0, 1.0)
-    neighbours, q = refine(nets.critic, params["critic"], table, obs, proto, nets.k, nets.approx, nets.recall_target)
-    # The nearest is found from the distances, not assumed to be first: approx_max_k need not sort.
-    nearest = neighbours[jnp.argmin(jnp.sum((table[neighbours] - proto) ** 2, axis=-1))]
-    explore = jax.random.uniform(k_explore) < epsilon
-    return jnp.where(explore, neighbours[jax.random.randint(k_random, (), 0, nets.k)], neighbours[q.argmax()]), nearest
+    explore = jax.random.uniform(k_explore, proto.shape[:1]) < epsilon
+    random_pick = jax.random.randint(k_random, proto.shape[:1], 0, nets.k)
+
+    def choose(obs, proto, explore, random_pick):  # one state
+        neighbours, q = refine(nets.critic, params["critic"], table, obs, proto, nets.k, nets.approx,
+                               nets.recall_target)
+        # The nearest is found from the distances, not assumed to be first: approx_max_k need not sort.
+        nearest = neighbours[jnp.argmin(jnp.sum((table[neighbours] - proto) ** 2, axis=-1))]
+        return jnp.where(explore, neighbours[random_pick], neighbours[q.argmax()]), nearest
+
+    return jax.vmap(choose)(obs, proto, explore, random_pick)
+
+
+@functools.partial(jax.jit, static_argnames=("nets",), donate_argnames=("counts",))
+def act(nets: Networks, params, table, obs, key, counts, noise_std, epsilon):
+    """The training loop's one device call per step: the action indices for all N environments, the next loop
+    key and the update's key, and counted on the device (read at log steps only) how often the critic's pick
+    differs from the action nearest the noisy proto-action, and out of how many: counts [changed, steps]."""
+    key, k_act, k_update = jax.random.split(key, 3)
+    index, nearest = select_action(nets, params, table, obs, k_act, noise_std, epsilon)
+    return index, key, k_update, counts + jnp.array([jnp.sum(index != nearest), index.shape[0]], counts.dtype)
+
+
+@jax.jit
+def advance_key(key, steps):
+    """The loop key after `steps` more steps, split as act splits it, and the last one's update key: the random
+    steps before learning starts make no device call and catch up here, so the keys do not depend on them."""
+    def split(_, keys):
+        key, _, k_update = jax.random.split(keys[0], 3)
+        return key, k_update
+
+    return jax.lax.fori_loop(0, steps, split, (key, key))
 
 
 class DDPGState(TrainState):
@@ -384,17 +478,14 @@ def target_value(nets: Networks, actor_state: DDPGState, critic_state: DDPGState
     return jax.lax.map(best_q, (next_obs, next_proto), batch_size=max(1, 65536 // nets.k))
 
 
-@functools.partial(jax.jit, static_argnames=("nets", "batch_size", "prioritized", "alpha", "beta",
-                                             "priority_epsilon", "update_actor", "knn_in_target"),
-                   donate_argnames=("buffer",))
-def update(nets: Networks, actor_state: DDPGState, critic_state: DDPGState, buffer: ReplayBuffer, new_transitions,
-           table, key, *, gamma: float, tau: float, batch_size: int, prioritized: bool, alpha: float, beta: float,
-           priority_epsilon: float, update_actor: bool, knn_in_target: bool = False):
-    """One DDPG update as a single device call: store the steps taken since the last call, sample, compute
-    the TD target, step the critic, write priorities back, and (when update_actor) step the actor by the
-    deterministic policy gradient through the updated critic and soft-update both targets.
+def gradient_step(nets: Networks, actor_state: DDPGState, critic_state: DDPGState, buffer: ReplayBuffer, table, key,
+                  *, update_actor, gamma: float, tau: float, batch_size: int, prioritized: bool, alpha: float,
+                  beta: float, priority_epsilon: float, knn_in_target: bool = False):
+    """One DDPG update: sample, compute the TD target, step the critic, write priorities back, and (when
+    update_actor) step the actor by the deterministic policy gradient through the updated critic and soft-update
+    both targets. update_actor is a Python bool (the off-steps compile without the actor) or, for the updates
+    scanned in one call, a traced one (the actor's loss is then NaN on the off-steps).
     """
-    buffer = buffer_add(buffer, new_transitions)
     index, batch, weights = buffer_sample(buffer, key, batch_size, prioritized, beta)
     next_q = target_value(nets, actor_state, critic_state, table, batch["next_obs"], knn_in_target)
     td_target = batch["reward"] + gamma * (1.0 - batch["terminated"]) * next_q
@@ -408,45 +499,98 @@ def update(nets: Networks, actor_state: DDPGState, critic_state: DDPGState, buff
     critic_state = critic_state.apply_gradients(grads=grads)
     buffer = buffer_update(buffer, index, jnp.abs(td_error) + priority_epsilon if prioritized else None, alpha)
     metrics = {"losses/qf_loss": qf_loss, "losses/qf_values": q.mean()}
-    if update_actor:
+
+    def actor_step(states):
+        actor_state, critic_state = states
+
         def actor_loss(params):  # a plain average over the replayed states: no importance weights here
             proto = nets.actor.apply(params, batch["obs"])
             return -nets.critic.apply(critic_state.params, batch["obs"], proto[:, None]).mean()
 
-        metrics["losses/actor_loss"], grads = jax.value_and_grad(actor_loss)(actor_state.params)
+        loss, grads = jax.value_and_grad(actor_loss)(actor_state.params)
         actor_state = actor_state.apply_gradients(grads=grads)
         soft = lambda s: s.replace(target_params=optax.incremental_update(s.params, s.target_params, tau))  # noqa: E731
-        actor_state, critic_state = soft(actor_state), soft(critic_state)
+        return (soft(actor_state), soft(critic_state)), loss
+
+    if isinstance(update_actor, bool):
+        if update_actor:
+            (actor_state, critic_state), metrics["losses/actor_loss"] = actor_step((actor_state, critic_state))
+    else:
+        (actor_state, critic_state), metrics["losses/actor_loss"] = jax.lax.cond(
+            update_actor, actor_step, lambda states: (states, jnp.float32(jnp.nan)), (actor_state, critic_state))
     return actor_state, critic_state, buffer, metrics
+
+
+@functools.partial(jax.jit, donate_argnames=("buffer",), static_argnames=(
+    "nets", "updates", "policy_frequency", "phase", "batch_size", "prioritized", "alpha", "beta", "priority_epsilon",
+    "knn_in_target"))
+def update(nets: Networks, actor_state: DDPGState, critic_state: DDPGState, buffer: ReplayBuffer, new_transitions,
+           table, key, *, updates: int = 1, policy_frequency: int = 1, phase: int = 0, **settings):
+    """One device call per replay period: store the transitions gathered since the last call, then take
+    `updates` gradient steps (one per --train-frequency environment steps they span). The i-th of them steps the
+    actor and the targets when (phase + i) % policy_frequency == 0, phase being the number of updates the run has
+    taken so far, modulo policy_frequency (static, so at most policy_frequency variants compile).
+    """
+    buffer = buffer_add(buffer, new_transitions)
+    actor_steps = [(phase + i) % policy_frequency == 0 for i in range(updates)]
+    if updates == 1:  # the key itself: one environment reproduces the single-environment runs exactly
+        return gradient_step(nets, actor_state, critic_state, buffer, table, key, update_actor=actor_steps[0],
+                             **settings)
+
+    def step(carry, xs):
+        *carry, metrics = gradient_step(nets, *carry, table, xs[0], update_actor=xs[1], **settings)
+        return tuple(carry), metrics
+
+    (actor_state, critic_state, buffer), metrics = jax.lax.scan(
+        step, (actor_state, critic_state, buffer), (jax.random.split(key, updates), jnp.array(actor_steps)))
+    last = {name: m[-1] for name, m in metrics.items() if name != "losses/actor_loss"}
+    if any(actor_steps):  # the actor's loss at its last step; none without one, as with a single update
+        last["losses/actor_loss"] = metrics["losses/actor_loss"][max(i for i, on in enumerate(actor_steps) if on)]
+    return actor_state, critic_state, buffer, last
 
 
 def evaluate(nets: Networks, params, table, env_id: str, seed: int, episodes: int,
              video_dir: Optional[str] = None) -> list:
-    """Greedy returns (no noise, no epsilon: the critic's best of the k nearest) on a fresh environment."""
+    """Greedy returns (no noise, no epsilon: the critic's best of the k nearest) of `episodes` episodes on a fresh
+    environment reset with seed, seed + 1, ... Training evaluates with --seed + 10000, and so does --load-model,
+    so the two agree."""
     env = make_env(env_id, seed, render=video_dir is not None)
     if video_dir is not None:
-        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
-    key, returns, table_np = jax.random.PRNGKey(seed), [], np.asarray(table)
+        env = record_video(env, video_dir)
+    key, counts, returns, table_np = jax.random.PRNGKey(seed), jnp.zeros(2, jnp.int32), [], np.asarray(table)
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed + episode)
         done = False
         while not done:
-            key, k_act = jax.random.split(key)
-            index, _ = select_action(nets, params, table, obs, k_act, 0.0, 0.0)
-            obs, _, terminated, truncated, info = env.step(env_action(env.action_space, table_np, int(index)))
+            index, key, _, counts = act(nets, params, table, obs[None], key, counts, 0.0, 0.0)
+            obs, _, terminated, truncated, info = env.step(env_action(env.action_space, table_np, np.asarray(index))[0])
             done = terminated or truncated
         returns.append(float(info["episode"]["r"]))
     env.close()
     return returns
 
 
-class MetricsLogger:
-    """One CSV row per logged step under runs/{run_name}/, mirrored to W&B when tracking."""
+def record_video(env: gym.Env, video_dir: str) -> gym.Env:
+    """Every episode to video_dir, played at the task's real speed (DeepMind Control: one frame per control step)."""
+    if hasattr(env.unwrapped, "_env"):  # Shimmy's DeepMind Control env declares no frame rate of its own
+        env.metadata["render_fps"] = round(1.0 / env.unwrapped._env.control_timestep())
+    return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
 
-    def __init__(self, path: str, columns: list, wandb_run=None):
+
+class MetricsLogger:
+    """One CSV row per logged step under runs/{run_name}/, mirrored to W&B when tracking. A resumed run keeps
+    the rows up to its checkpoint's step and appends after them."""
+
+    def __init__(self, path: str, columns: list, wandb_run=None, resume_step: Optional[int] = None):
         self.columns, self.wandb_run = ["global_step", *columns], wandb_run
-        self.file = open(path, "w", buffering=1)
-        self.file.write(",".join(self.columns) + "\n")
+        kept = []
+        if resume_step is not None and os.path.isfile(path):
+            with open(path) as f:
+                kept = [row for row in list(f)[1:] if int(row.split(",", 1)[0]) <= resume_step]
+        with open(path + ".tmp", "w") as f:
+            f.write(",".join(self.columns) + "\n" + "".join(kept))
+        os.replace(path + ".tmp", path)
+        self.file = open(path, "a", buffering=1)
 
     def log(self, step: int, metrics: dict) -> None:
         values = {k: float(v) for k, v in metrics.items()}
@@ -458,124 +602,294 @@ class MetricsLogger:
         self.file.close()
 
 
+def save_arrays(path: str, tree, meta: dict) -> str:
+    """A pytree's arrays and a JSON header of what they are in one .npz (a saved model, or a checkpoint: the
+    whole run state), written to a temporary file and renamed over the old one: a crash mid-write leaves it
+    intact. Replay storage is cut to its filled rows."""
+    size = int(tree["buffer"].size) if isinstance(tree, dict) and "buffer" in tree else None
+    arrays = {k: np.asarray(v[:size] if k.startswith("['buffer'].storage") else v) for k, v in named_leaves(tree)}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, __meta__=json.dumps(dict(meta, script=SCRIPT)), **arrays)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def named_leaves(tree) -> list:
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def checkpoint_file(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoint", "state.npz")
+
+
+def load_arrays(path: str, option: str) -> tuple:
+    """(meta, {name: array}) of a file save_arrays wrote with this script, or one line saying why not."""
+    if not os.path.isfile(path):
+        fail(f"{option}: no such file: {path}" + (" (--checkpoint-frequency writes one)" * (option == "--resume")))
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays.pop("__meta__")))
+    except Exception as e:
+        fail(f"{option}: {path} is damaged or was not saved by {SCRIPT} ({type(e).__name__})")
+    if meta.get("script") != SCRIPT:
+        fail(f"{option}: {path} was saved by {meta.get('script')}, not {SCRIPT}")
+    return meta, arrays
+
+
+def restore(template, arrays: dict, option: str):
+    """`template` (freshly built parameters or run state) with every array replaced by the saved one."""
+    named, leaves = named_leaves(template), []
+    if {name for name, _ in named} != set(arrays):
+        fail(f"{option}: the file holds {len(arrays)} arrays that do not match this run's {len(named)}")
+    for name, like in named:
+        saved, shape = arrays[name], np.shape(like)
+        fits = saved.shape == shape or (saved.ndim > 0 and saved.shape[1:] == shape[1:] and len(saved) <= shape[0])
+        if not fits or saved.dtype != like.dtype:
+            fail(f"{option}: the saved {name} is {saved.dtype}{list(saved.shape)}, this run's {like.dtype}{list(shape)}")
+        if saved.shape != shape:  # replay storage: its filled rows, the rest zeros as when it was saved
+            saved = np.concatenate([saved, np.zeros((shape[0] - len(saved), *shape[1:]), saved.dtype)])
+        leaves.append(jnp.asarray(saved) if isinstance(like, jax.Array) else saved)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+
+
+def new_run_dir(args: Args) -> str:
+    """runs/{env_id}__{exp_name}__{seed}__{time}, with -2, -3, ... when a run of the same second took it."""
+    stem = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    for n in itertools.count(1):
+        try:
+            os.makedirs(stem if n == 1 else f"{stem}-{n}")
+            return stem if n == 1 else f"{stem}-{n}"
+        except FileExistsError:
+            continue
+
+
+def saved_args(given: Args, saved: dict, option: str, fixed) -> Args:
+    """A saved run's own settings, with the flags given here on top, except those in `fixed`, which must agree."""
+    args, defaults = Args(**saved), Args()
+    for name, value in vars(given).items():
+        if value != getattr(defaults, name) and value != getattr(args, name):
+            if name in fixed:
+                fail(f"{option}: --{flag(name)} {value!r} differs from the saved run's {getattr(args, name)!r}")
+            setattr(args, name, value)
+    return args
+
+
+def stop_on_signals() -> list:
+    """SIGINT and SIGTERM make the training loop stop after its current step, save and exit; a second aborts."""
+    stop = []
+
+    def handler(signum, _frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving (again to abort)", flush=True)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+    return stop
+
+
 def neighbour_count(args: Args, num_actions: int) -> int:
     """k: --k when given, else --k-ratio of the actions (at least one)."""
     return args.k if args.k is not None else max(1, round(args.k_ratio * num_actions))
 
 
+def exploration_epsilon(args: Args, step: int) -> float:
+    """--epsilon at environment step `step` (1 = the first): it falls linearly to --end-epsilon over the first
+    --exploration-fraction of --total-timesteps, then stays there (CleanRL DQN's linear schedule)."""
+    decayed = min(1.0, step / max(1.0, args.exploration_fraction * args.total_timesteps))
+    return args.epsilon + decayed * (args.end_epsilon - args.epsilon)
+
+
 def main(args: Args) -> None:
+    started = time.time()
     check_args(args)
-    env = make_env(args.env_id, args.seed)
-    table_np = action_table(env.action_space, args.max_actions)
+    meta = saved = None
+    if args.resume or args.load_model:  # a checkpoint, or a model: both carry the settings they were made with
+        option = "--resume" if args.resume else "--load-model"
+        meta, saved = load_arrays(checkpoint_file(args.resume) if args.resume else args.load_model, option)
+        fixed = [k for k in vars(args) if k not in RESUME_MAY_CHANGE] if args.resume else MODEL_SETTINGS
+        args = saved_args(args, meta["args"], option, fixed)
+    if args.xla_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.xla_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    env = make_env(args.env_id, args.seed)  # one line of error here, not in a worker, for an id it cannot use
+    space, example_obs = env.action_space, env.reset(seed=args.seed)[0]
+    env.close()
+    table_np = action_table(space, args.max_actions)
     num_actions, embedding_dim = table_np.shape
     k = neighbour_count(args, num_actions)
     if k > num_actions:
         fail(f"--k must be <= the number of actions ({num_actions}), got {k}")
+    envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)
     nets = Networks(Actor(embedding_dim), Critic(), k, args.knn == "approx", args.recall_target)
     table = jnp.asarray(table_np)
     key, k_actor, k_critic = jax.random.split(jax.random.PRNGKey(args.seed), 3)
-    obs, _ = env.reset(seed=args.seed)
-    params = dict(actor=jax.jit(nets.actor.init)(k_actor, obs[None]),
-                  critic=jax.jit(nets.critic.init)(k_critic, obs[None], table[None, :1]))
+    params = dict(actor=jax.jit(nets.actor.init)(k_actor, example_obs[None]),
+                  critic=jax.jit(nets.critic.init)(k_critic, example_obs[None], table[None, :1]))
 
-    if args.load_model is not None:
-        with open(args.load_model, "rb") as f:
-            params = flax.serialization.from_bytes(params, f.read())
-        returns = evaluate(nets, params, table, args.env_id, args.seed, args.eval_episodes)
-        print(f"{args.load_model}: greedy return over {len(returns)} episode(s): {np.mean(returns):.2f} {returns}")
+    def evaluation(params, label: str, video_dir: Optional[str] = None) -> float:
+        returns = evaluate(nets, params, table, args.env_id, args.seed + 10_000, args.eval_episodes, video_dir)
+        print(f"{label}  greedy evaluation return {np.mean(returns):.1f} over {len(returns)} episode(s)", flush=True)
+        return float(np.mean(returns))
+
+    if args.load_model is not None:  # the run's own evaluation seeds, grid and k
+        evaluation(restore(params, saved, "--load-model"), args.load_model)
         return
 
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = args.resume.rstrip("/") if args.resume else new_run_dir(args)
+    run_name, checkpoint_path = os.path.basename(run_dir), checkpoint_file(run_dir)
     wandb_run = None
     if args.track:
         import wandb
 
         wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                               name=run_name, save_code=True)
+                               name=run_name, save_code=True, id=meta and meta["wandb_id"],
+                               resume="allow" if meta else None)
     columns = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/refine_changed",
                "losses/qf_loss", "losses/actor_loss", "losses/qf_values", "eval/episodic_return"]
-    logger = MetricsLogger(os.path.join(run_dir, "metrics.csv"), columns, wandb_run)
-    print(f"{run_name}: {num_actions} actions in {embedding_dim} embedding dims, k = {k} ({args.knn} k-NN)")
+    logger = MetricsLogger(os.path.join(run_dir, "metrics.csv"), columns, wandb_run,
+                           resume_step=meta and meta["global_step"])
+    print(f"{run_name}: {num_actions} actions in {embedding_dim} embedding dims, k = {k} ({args.knn} k-NN), "
+          f"{args.num_envs} env(s)", flush=True)
 
     actor_state = DDPGState.create(apply_fn=None, params=params["actor"], target_params=params["actor"],
                                    tx=optax.adam(args.learning_rate))
     critic_state = DDPGState.create(apply_fn=None, params=params["critic"], target_params=params["critic"],
                                     tx=optax.adam(args.learning_rate))
-    transition = dict(obs=obs, action=np.zeros(embedding_dim, np.float32), reward=np.float32(0.0), next_obs=obs,
-                      terminated=np.float32(0.0))  # `action` is the embedding of the action taken
-    buffer = buffer_init(transition, args.buffer_size)
-    pending = {name: np.zeros((args.train_frequency, *np.shape(v)), np.float32) for name, v in transition.items()}
+    transition = dict(obs=example_obs, action=np.zeros(embedding_dim, np.float32), reward=np.float32(0.0),
+                      next_obs=example_obs, terminated=np.float32(0.0))  # `action` is the embedding of the action taken
+    rows = math.lcm(args.num_envs, args.train_frequency)  # transitions per update call, one update per tf of them
+    run = dict(actor_state=jax.tree.map(jnp.asarray, actor_state), critic_state=jax.tree.map(jnp.asarray, critic_state),
+               buffer=buffer_init(transition, args.buffer_size), key=key, counts=jnp.zeros(2, jnp.int32),
+               pending={k: np.zeros((rows, *np.shape(v)), np.float32) for k, v in transition.items()})
+    rng = np.random.default_rng(args.seed)  # the uniformly random actions before learning starts
+    global_step, episodes, updates = (meta["global_step"], meta["episodes"], meta["updates"]) if meta else (0, 0, 0)
+    if meta:
+        run = restore(run, saved, "--resume")
+        rng.bit_generator.state = meta["rng"]
+        print(f"resumed {run_dir} at step {global_step} (episodes restart; metrics.csv continues)", flush=True)
+    actor_state, critic_state, buffer, key, counts, pending = (
+        run[k] for k in ("actor_state", "critic_state", "buffer", "key", "counts", "pending"))
     store = jax.jit(buffer_add, donate_argnums=0)
     train = functools.partial(
-        update, nets, gamma=args.gamma, tau=args.tau, batch_size=args.batch_size, prioritized=args.prioritized_replay,
-        alpha=args.priority_exponent, beta=args.importance_exponent, priority_epsilon=args.priority_epsilon,
-        knn_in_target=args.knn_in_target)
-    rng = np.random.default_rng(args.seed)  # the uniformly random actions before learning starts
-    changed, policy_steps, updates, train_metrics, last_return = 0, 0, 0, {}, float("nan")
-    start_time = time.time()
+        update, nets, updates=rows // args.train_frequency, policy_frequency=args.policy_frequency, gamma=args.gamma,
+        tau=args.tau, batch_size=args.batch_size, prioritized=args.prioritized_replay, alpha=args.priority_exponent,
+        beta=args.importance_exponent, priority_epsilon=args.priority_epsilon, knn_in_target=args.knn_in_target)
 
-    for global_step in range(1, args.total_timesteps + 1):
-        key, k_act, k_update = jax.random.split(key, 3)
-        if global_step <= args.learning_starts:
-            index = int(rng.integers(num_actions))
-        else:
-            decayed = min(1.0, global_step / max(1.0, args.exploration_fraction * args.total_timesteps))
-            epsilon = args.epsilon + decayed * (args.end_epsilon - args.epsilon)
-            index, nearest = select_action(nets, dict(actor=actor_state.params, critic=critic_state.params), table,
-                                           obs, k_act, args.exploration_noise, epsilon)
-            index = int(index)
-            changed, policy_steps = changed + (index != int(nearest)), policy_steps + 1
-        next_obs, reward, terminated, truncated, info = env.step(env_action(env.action_space, table_np, index))
+    def checkpoint() -> str:
+        return save_arrays(checkpoint_path, dict(actor_state=actor_state, critic_state=critic_state, buffer=buffer,
+                                                 key=key, counts=counts, pending=pending),
+                           dict(args=vars(args), global_step=global_step, episodes=episodes, updates=updates,
+                                rng=rng.bit_generator.state, wandb_id=wandb_run and wandb_run.id))
 
-        # A time-limit end is not terminal: the target bootstraps through it (partial-episode bootstrapping).
-        slot = (global_step - 1) % args.train_frequency
-        for name, v in dict(obs=obs, action=table_np[index], reward=reward, next_obs=next_obs,
-                            terminated=terminated).items():
-            pending[name][slot] = v
-        obs = next_obs
-        if terminated or truncated:
-            logger.log(global_step, {"charts/episodic_return": info["episode"]["r"],
-                                     "charts/episodic_length": info["episode"]["l"]})
-            last_return = float(info["episode"]["r"])
-            obs, _ = env.reset()
-
-        if slot == args.train_frequency - 1:
-            # A copy: on CPU, jax may read a numpy argument in place after the call has returned (asynchronous
-            # dispatch), and `pending` is overwritten from the next step on.
-            chunk = {name: v.copy() for name, v in pending.items()}
-            if global_step >= args.learning_starts:
-                actor_state, critic_state, buffer, metrics = train(
-                    actor_state, critic_state, buffer, chunk, table, k_update,
-                    update_actor=updates % args.policy_frequency == 0)
-                train_metrics, updates = {**train_metrics, **metrics}, updates + 1
+    obs, _ = envs.reset(seed=args.seed)
+    stop, outcome, train_metrics, new_returns = stop_on_signals(), "finished", {}, []
+    last_log = (time.time(), global_step)
+    first_act = max(global_step, -(-args.learning_starts // args.num_envs) * args.num_envs)  # the step it compiles
+    try:
+        while global_step < args.total_timesteps and not stop:
+            if global_step < args.learning_starts:  # uniformly random actions from the host: no device call
+                indices = rng.integers(num_actions, size=args.num_envs)
+                if global_step + args.num_envs >= args.learning_starts:  # the last of them: the key catches up
+                    key, k_update = advance_key(key, global_step // args.num_envs + 1)
             else:
-                buffer = store(buffer, chunk)
+                if global_step == first_act:
+                    print(f"step {global_step}: compiling the greedy action (XLA; cache: {args.xla_cache or 'off'}) "
+                          "...", flush=True)
+                epsilon = exploration_epsilon(args, global_step + 1)
+                indices, key, k_update, counts = act(nets, dict(actor=actor_state.params, critic=critic_state.params),
+                                                     table, obs, key, counts, args.exploration_noise, epsilon)
+                indices = np.asarray(indices)  # the step's one transfer from the device
+            next_obs, rewards, terminated, truncated, infos = envs.step(env_action(space, table_np, indices))
+            # Same-step autoreset: where an episode ended, next_obs holds the next one's first observation and
+            # infos the last one, which is what the transition stores. A time-limit end is not terminal: the
+            # target bootstraps through it (partial-episode bootstrapping).
+            final_obs = next_obs.copy()
+            for i in np.flatnonzero(terminated | truncated):
+                final_obs[i], episode = infos["final_obs"][i], infos["final_info"]["episode"]
+                logger.log(global_step + args.num_envs, {"charts/episodic_return": episode["r"][i],
+                                                         "charts/episodic_length": episode["l"][i]})
+                new_returns.append(float(episode["r"][i]))
+                episodes += 1
+            slot = global_step % rows
+            for name, v in dict(obs=obs, action=table_np[indices], reward=rewards, next_obs=final_obs,
+                                terminated=terminated).items():
+                pending[name][slot: slot + args.num_envs] = v
+            obs, previous, global_step = next_obs, global_step, global_step + args.num_envs
+            crossed = lambda period: period > 0 and global_step // period > previous // period  # noqa: E731
+            if previous == first_act:
+                print(f"compiled; first greedy step {time.time() - started:.1f} s after start", flush=True)
 
-        if global_step % args.log_frequency == 0:
-            sps = global_step / (time.time() - start_time)
-            # How often the critic's pick differs from the action nearest the noisy proto-action.
-            acting = {"charts/refine_changed": changed / policy_steps} if policy_steps else {}
-            logger.log(global_step, {"charts/SPS": sps, **acting, **train_metrics})
-            changed, policy_steps = 0, 0
-            print(f"step {global_step:>8}  return {last_return:8.1f}  SPS {sps:.0f}", flush=True)
-        if args.eval_frequency and (global_step % args.eval_frequency == 0 or global_step == args.total_timesteps):
-            video_dir = os.path.join(run_dir, "videos", f"step{global_step}") if args.capture_video else None
-            returns = evaluate(nets, dict(actor=actor_state.params, critic=critic_state.params), table, args.env_id,
-                               args.seed + 10_000, args.eval_episodes, video_dir)
-            logger.log(global_step, {"eval/episodic_return": np.mean(returns)})
-            print(f"step {global_step:>8}  greedy evaluation return {np.mean(returns):.1f}", flush=True)
+            if global_step % rows == 0:
+                # A copy: on CPU, jax may read a numpy argument in place after the call has returned (asynchronous
+                # dispatch), and `pending` is overwritten from the next step on.
+                chunk = {k: v.copy() for k, v in pending.items()}
+                if global_step < args.learning_starts:
+                    buffer = store(buffer, chunk)
+                else:
+                    if not train_metrics:  # the first update of this process compiles (or loads from the cache)
+                        print(f"step {global_step}: compiling the update ...", flush=True)
+                    actor_state, critic_state, buffer, metrics = train(actor_state, critic_state, buffer, chunk,
+                                                                       table, k_update,
+                                                                       phase=updates % args.policy_frequency)
+                    if not train_metrics:  # say so, and time it
+                        jax.block_until_ready(critic_state.step)
+                        print(f"first update done {time.time() - started:.1f} s after start", flush=True)
+                    # The actor's loss comes with the calls that step the actor; the last one stays until the next.
+                    train_metrics, updates = {**train_metrics, **metrics}, updates + rows // args.train_frequency
 
-    if args.save_model:
-        path = os.path.join(run_dir, f"{args.exp_name}.flax")
-        with open(path, "wb") as f:
-            f.write(flax.serialization.to_bytes(dict(actor=actor_state.params, critic=critic_state.params)))
-        print(f"model saved to {path}")
+            if crossed(args.log_frequency):
+                now, (changed, policy_steps) = time.time(), np.asarray(counts)
+                sps = (global_step - last_log[1]) / (now - last_log[0])
+                # How often the critic's pick differs from the action nearest the noisy proto-action.
+                acting = {"charts/refine_changed": changed / policy_steps} if policy_steps else {}
+                logger.log(global_step, {"charts/SPS": sps, **acting, **train_metrics})
+                counts, last_log = jnp.zeros(2, jnp.int32), (now, global_step)
+                returns = f"{np.mean(new_returns):8.1f}" if new_returns else "       -"
+                eta = time.strftime("%H:%M:%S", time.gmtime(max(args.total_timesteps - global_step, 0) / sps))
+                print(f"step {global_step:>8}  episodes {episodes:>5}  return {returns}  SPS {sps:.0f}  ETA {eta}",
+                      flush=True)
+                new_returns.clear()
+            if crossed(args.checkpoint_frequency):
+                checkpoint()
+            if crossed(args.eval_frequency) and global_step < args.total_timesteps:
+                video_dir = os.path.join(run_dir, "videos", f"step{global_step}") if args.capture_video else None
+                params = dict(actor=actor_state.params, critic=critic_state.params)
+                logger.log(global_step, {"eval/episodic_return": evaluation(params, f"step {global_step:>8}",
+                                                                            video_dir)})
+        outcome = "interrupted" if stop else outcome
+    except Exception:
+        outcome = "crashed"
+        traceback.print_exc()
+
+    saved_to = []  # the final model before the final evaluation; a run that stops early keeps its model too
+    params = dict(actor=actor_state.params, critic=critic_state.params)
+    try:
+        if args.save_model or outcome != "finished":
+            saved_to.append(save_arrays(os.path.join(run_dir, f"{args.exp_name}.npz"), params,
+                                        dict(args=vars(args), global_step=global_step)))
+        if args.checkpoint_frequency:
+            saved_to.append(checkpoint())
+    except Exception as e:
+        print(f"could not save everything: {type(e).__name__}: {e}", flush=True)
+    if outcome == "finished" and args.eval_frequency:
+        video_dir = os.path.join(run_dir, "videos", f"step{global_step}") if args.capture_video else None
+        logger.log(global_step, {"eval/episodic_return": evaluation(params, f"step {global_step:>8}", video_dir)})
     logger.close()
-    env.close()
+    envs.close()
     if wandb_run is not None:
-        wandb_run.finish()
+        wandb_run.finish(exit_code=0 if outcome == "finished" else 1)
+    print(f"{outcome} at step {global_step}: metrics in {run_dir}/metrics.csv" + "".join(
+        f", saved {path}" for path in saved_to), flush=True)
+    if args.checkpoint_frequency and outcome != "finished":
+        print(f"continue with: python {SCRIPT} --resume {run_dir}", flush=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, for a caller that goes on
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if outcome != "finished":
+        sys.exit(1 if outcome == "crashed" else 128 + stop[0])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
+import gc
 import os
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -39,3 +41,14 @@ def q_reference(params, obs, actions):
     w_in = jnp.concatenate([p["joint_in_obs"]["kernel"], p["joint_in_act"]["kernel"]], 0)
     h = relu(x @ w_in + p["joint_in_obs"]["bias"]) @ p["joint_out"]["kernel"] + p["joint_out"]["bias"]
     return dense("q_head", elu(norm("joint_norm", x + h)))[..., 0]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compiled_code_is_freed_after_each_module():
+    """Every executable XLA compiles on a CPU holds memory maps of its machine code, and jax keeps them all.
+    The whole suite compiles enough of them to pass the kernel's limit of 65,530 maps per process, and the
+    next compilation then dies with a segmentation fault; each module frees what it compiled."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -6,7 +6,7 @@ import glob
 import itertools
 import os
 
-import flax
+import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,15 +155,19 @@ def update_inputs(params, target_params, terminated):
     return state, aql.buffer_init(jax.tree.map(lambda x: x[0], chunk), capacity=8), chunk
 
 
+def td_errors(params, target_params, chunk, terminated):
+    """By hand: r + gamma (1 - terminated) max_a Q_target(s', a) over all 9 actions, minus Q_online(s, a)."""
+    next_max = np.array([q_reference(target_params, o, bins_of(ALL_ACTIONS)).max() for o in chunk["next_obs"]])
+    now = np.array([q_reference(params, o, bins_of(a)[None])[0] for o, a in zip(chunk["obs"], chunk["action"])])
+    return chunk["reward"] + UPDATE["gamma"] * (1.0 - terminated) * next_max - now
+
+
 @pytest.mark.parametrize("terminated", [0.0, 1.0])
 def test_td_errors_written_back_as_priorities_match_a_hand_computation(model_and_params, terminated):
     model, params, target_params = model_and_params
     state, buffer, chunk = update_inputs(params, target_params, terminated)
     _, buffer, metrics = aql.update(model, state, buffer, chunk, jax.random.PRNGKey(0), **UPDATE)
-    # By hand: r + gamma (1 - terminated) max_a Q_target(s', a) over all 9 actions, minus Q_online(s, a).
-    next_max = np.array([q_reference(target_params, o, bins_of(ALL_ACTIONS)).max() for o in chunk["next_obs"]])
-    now = np.array([q_reference(params, o, bins_of(a)[None])[0] for o, a in zip(chunk["obs"], chunk["action"])])
-    td_error = chunk["reward"] + 0.9 * (1.0 - terminated) * next_max - now
+    td_error = td_errors(params, target_params, chunk, terminated)
     np.testing.assert_allclose(buffer.tree[8:12], (np.abs(td_error) + 1e-6) ** 0.6, rtol=1e-4)
     assert int(buffer.size) == 4 and np.isfinite(float(metrics["losses/proposal_nll"]))
     # Both search sets cover the whole space here, so the proposal cannot beat uniform search.
@@ -200,15 +204,98 @@ def test_uniformql_leaves_the_proposal_untouched(model_and_params):
     assert not np.allclose(params["params"]["q_head"]["kernel"], new_state.params["params"]["q_head"]["kernel"])
 
 
+def test_importance_weights_scale_the_td_loss(model_and_params):
+    model, params, target_params = model_and_params
+    state, buffer, chunk = update_inputs(params, target_params, 0.0)
+    priorities = np.array([0.05, 0.5, 2.0, 8.0], np.float32)  # unequal, so the weights are too
+    buffer = aql.buffer_update(aql.buffer_add(buffer, chunk), jnp.arange(4), jnp.asarray(priorities), alpha=0.6)
+    key = jax.random.PRNGKey(3)
+    index = np.asarray(aql.buffer_sample(buffer, jax.random.split(key, 3)[0], 16, True, 0.2)[0])  # the update's draws
+    _, _, metrics = aql.update(model, state, buffer, jax.tree.map(lambda x: x[:0], chunk), key, **UPDATE)
+    probability = priorities**0.6 / np.sum(priorities**0.6)
+    weights = (4 * probability[index]) ** -0.2
+    weights /= weights.max()
+    assert len(set(np.round(weights, 6))) > 1
+    td_error = td_errors(params, target_params, chunk, 0.0)[index]
+    np.testing.assert_allclose(metrics["losses/td_loss"], np.mean(weights * td_error**2), rtol=1e-4)
+    # The target network matters here: the same computation with the online one as target is far off.
+    assert abs(np.mean(weights * td_errors(params, params, chunk, 0.0)[index] ** 2) / np.mean(weights * td_error**2)
+               - 1) > 0.01
+
+
+def test_the_entropy_bonus_raises_the_proposals_entropy(model_and_params):
+    model, params, target_params = model_and_params
+    # A peaked proposal: the first one is uniform, where the entropy is at its maximum and its gradient zero.
+    rng = np.random.default_rng(1)
+    proposal = dict(params["params"]["proposal"], out_bias=jnp.asarray(3 * rng.normal(size=(DIM, BINS)), jnp.float32),
+                    out_kernel=jnp.asarray(0.3 * rng.normal(size=(DIM, 128, BINS)), jnp.float32))
+    peaked = {"params": dict(params["params"], proposal=proposal)}
+    state, buffer, chunk = update_inputs(peaked, target_params, 0.0)
+    # Adam's first step moves every parameter by about the learning rate: small here, so that the step stays
+    # in the region where the gradient tells which way the entropy goes.
+    state = state.replace(tx=optax.adam(1e-4), opt_state=optax.adam(1e-4).init(peaked))
+
+    @jax.jit
+    def joint_entropy(p):  # exact, over the whole 9-action space, at the replayed states s'
+        e = model.apply(p, jnp.asarray(chunk["next_obs"]), method=aql.AQLNetwork.observation_stream)
+        every = jnp.broadcast_to(jnp.asarray(ALL_ACTIONS), (4, *ALL_ACTIONS.shape))
+        log_p = model.apply(p, e, every, method=aql.AQLNetwork.proposal_log_prob)[0]
+        return -(jnp.exp(log_p) * log_p).sum(-1).mean()
+
+    before = float(joint_entropy(peaked))
+    assert before < 0.8 * np.log(9)
+    after = {}
+    for coef in (0.0, 5.0):  # the same start and key; only the bonus' weight differs
+        new_state, _, _ = aql.update(model, state, jax.tree.map(jnp.copy, buffer), chunk, jax.random.PRNGKey(4),
+                                     **dict(UPDATE, entropy_coef=coef))
+        after[coef] = float(joint_entropy(new_state.params))
+    assert after[5.0] > before + 0.01 and after[5.0] > after[0.0] + 0.005, (before, after)
+
+
+def test_several_updates_in_one_call_equal_the_same_updates_one_by_one(model_and_params):
+    model, params, target_params = model_and_params
+    state, buffer, chunk = update_inputs(params, target_params, 0.0)
+    together = aql.update(model, state, jax.tree.map(jnp.copy, buffer), chunk, jax.random.PRNGKey(5), updates=3,
+                          **UPDATE)
+    no_new = jax.tree.map(lambda x: x[:0], chunk)
+    for i, key in enumerate(jax.random.split(jax.random.PRNGKey(5), 3)):  # the gap is measured by the last only
+        measured = UPDATE["amortisation_states"] if i == 2 else 0
+        state, buffer, metrics = aql.update(model, state, buffer, chunk if i == 0 else no_new, key,
+                                            **dict(UPDATE, amortisation_states=measured))
+    assert int(together[0].step) == int(state.step) == 3
+    for a, b in zip(jax.tree.leaves((together[0].params, together[1])), jax.tree.leaves((state.params, buffer))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert set(together[2]) == set(metrics)
+    for name, value in metrics.items():
+        np.testing.assert_allclose(together[2][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_select_action_is_the_search_argmax_or_random(model_and_params):
     model, params, _ = model_and_params
-    obs = np.ones(OBS_DIM, np.float32)
+    obs = np.asarray(jax.random.normal(jax.random.PRNGKey(8), (3, OBS_DIM)))  # a batch of states, one per env
     action, best = aql.select_action(model, params, obs, jax.random.PRNGKey(0), 0.0, 8, 200)
-    assert int(best) >= 0
-    np.testing.assert_array_equal(action, ALL_ACTIONS[q_reference(params, obs, bins_of(ALL_ACTIONS)).argmax()])
+    assert action.shape == (3, DIM) and bool(jnp.all(best >= 0))
+    brute = np.stack([ALL_ACTIONS[q_reference(params, o, bins_of(ALL_ACTIONS)).argmax()] for o in obs])
+    assert len({tuple(a) for a in brute}) > 1  # the states want different actions
+    np.testing.assert_array_equal(action, brute)
     keys = jax.random.split(jax.random.PRNGKey(1), 20)
-    randoms = [aql.select_action(model, params, obs, k, 1.0, 8, 200) for k in keys]
-    assert all(int(b) == -1 for _, b in randoms) and len({tuple(np.asarray(a)) for a, _ in randoms}) > 3
+    randoms = [aql.select_action(model, params, obs[:1], k, 1.0, 8, 200) for k in keys]
+    assert all(int(b[0]) == -1 for _, b in randoms) and len({tuple(np.asarray(a[0])) for a, _ in randoms}) > 3
+
+
+def test_act_counts_greedy_actions_and_proposal_wins_on_the_device(model_and_params):
+    model, params, _ = model_and_params
+    obs = jax.random.normal(jax.random.PRNGKey(9), (32, OBS_DIM))
+    key, greedy, expected = jax.random.PRNGKey(10), jnp.zeros(2), np.zeros(2)
+    for epsilon in (0.0, 0.5, 0.5):
+        k_act = jax.random.split(key, 3)[1]  # act's own split of the loop key: (next key, k_act, k_update)
+        actions, best = aql.select_action(model, params, obs, k_act, epsilon, 8, 4)
+        best = np.asarray(best)
+        expected += [np.sum(best >= 0), np.sum((best >= 0) & (best < 8))]
+        acted, key, _, greedy = aql.act(model, params, obs, key, greedy, epsilon, 8, 4)
+        np.testing.assert_array_equal(acted, actions)
+    np.testing.assert_array_equal(np.asarray(greedy), expected)
+    assert 0 < expected[1] < expected[0] < 96  # some random actions, and uniform samples win some arg-maxes
 
 
 # --- argument checking: one clear line, exit status 1, no traceback ----------------------------------------------
@@ -218,6 +305,14 @@ def test_select_action_is_the_search_argmax_or_random(model_and_params):
     (dict(n_proposal=-1), "--n-proposal must be >= 0, got -1"),
     (dict(m_uniform=0, n_proposal=0), "--n-proposal + --m-uniform must be >= 1"),
     (dict(entropy_coef=-0.1), "--entropy-coef must be >= 0.0, got -0.1"),
+    (dict(entropy_coef=float("nan")), "--entropy-coef must be a finite number, got nan"),
+    (dict(gamma=float("inf")), "--gamma must be a finite number, got inf"),
+    (dict(learning_rate=0.0), "--learning-rate must be > 0, got 0.0"),
+    (dict(priority_epsilon=0.0), "--priority-epsilon must be > 0 with prioritised replay, got 0.0"),
+    (dict(num_envs=0), "--num-envs must be >= 1, got 0"),
+    (dict(num_envs=4, buffer_size=10), "--buffer-size must hold the 20 transitions written per update"),
+    (dict(checkpoint_frequency=-1), "--checkpoint-frequency must be >= 0, got -1"),
+    (dict(load_model="/no/such/model.npz"), "--load-model: no such file: /no/such/model.npz"),
 ])
 def test_bad_arguments_are_rejected_with_one_line(overrides, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -225,6 +320,36 @@ def test_bad_arguments_are_rejected_with_one_line(overrides, message):
     text = exit_info.value.code  # a string code: Python prints it and exits with status 1
     assert isinstance(text, str) and text.startswith("error: ") and message in text and "\n" not in text
     aql.check_args(aql.Args(m_uniform=0))  # pure proposal search is allowed
+    aql.check_args(aql.Args(priority_epsilon=0.0, prioritized_replay=False))  # no priorities, no epsilon needed
+
+
+class TwoDimensionalBox(gym.Env):
+    observation_space = gym.spaces.Box(-1.0, 1.0, (3,))
+    action_space = gym.spaces.Box(-1.0, 1.0, (2, 2))
+
+    def __init__(self, render_mode=None):  # gym.make passes the render mode
+        pass
+
+
+class SetObservations(TwoDimensionalBox):
+    observation_space = gym.spaces.Sequence(gym.spaces.Discrete(3))
+    action_space = gym.spaces.Discrete(2)
+
+
+@pytest.mark.parametrize("env_class, expected", [
+    (TwoDimensionalBox, "actions; aql_discrete.py needs a one-dimensional Box or a Discrete"),
+    (SetObservations, "observations, which do not flatten to a vector"),
+])
+def test_spaces_it_cannot_handle_are_refused_with_one_line(env_class, expected):
+    env_id = f"test/{env_class.__name__}-v0"
+    gym.register(env_id, entry_point=env_class)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            aql.make_env(env_id, 0)
+    finally:
+        gym.registry.pop(env_id)
+    text = exit_info.value.code
+    assert text.startswith(f"error: --env-id '{env_id}' has ") and expected in text and "\n" not in text
 
 
 def test_unknown_env_and_empty_search_exit_cleanly_from_the_command_line(tmp_path):
@@ -241,10 +366,9 @@ def test_unknown_env_and_empty_search_exit_cleanly_from_the_command_line(tmp_pat
 # --- whole runs ----------------------------------------------------------------------------------------------
 
 def cached_env(tmp_path):
-    """Runs share compiled functions through JAX's persistent cache, and XLA skips LLVM's optimisations: at
-    these tiny sizes compilation is most of a run's time. The code that runs is the same."""
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS="--xla_backend_optimization_level=0")
+    """XLA skips LLVM's optimisations: at these tiny sizes compilation is most of a run's time. The code that
+    runs is the same."""
+    return dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
 
 
 def read_metrics(run_dir):
@@ -252,16 +376,17 @@ def read_metrics(run_dir):
 
 
 def test_smoke_run_on_cartpole_swingup_writes_metrics_and_a_model_that_loads(tmp_path):
-    search = ["--n-proposal", "8", "--m-uniform", "16"]
+    search = ["--n-proposal", "8", "--m-uniform", "16", "--xla-cache", str(tmp_path / "xla")]
     flags = ["--env-id", "cartpole-swingup", "--total-timesteps", "1500", "--learning-starts", "500", *search,
-             "--eval-frequency", "0", "--batch-size", "32", "--buffer-size", "2000", "--log-frequency", "250"]
+             "--eval-frequency", "1500", "--batch-size", "32", "--buffer-size", "2000", "--log-frequency", "250"]
     result = run_script("aql_discrete.py", "--save-model", *flags, cwd=tmp_path, env=cached_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "cartpole-swingup__aql_discrete__1__*"))
     rows = read_metrics(run_dir)
     for column in ("charts/amortisation_gap", "charts/amortisation_win_fraction", "charts/argmax_from_proposal",
-                   "losses/td_loss", "losses/proposal_nll", "losses/entropy", "losses/q_values", "charts/SPS",
-                   "charts/episodic_return", "charts/episodic_length", "eval/episodic_return"):
+                   "charts/greedy_from_proposal", "losses/td_loss", "losses/proposal_nll", "losses/entropy",
+                   "losses/q_values", "charts/SPS", "charts/episodic_return", "charts/episodic_length",
+                   "eval/episodic_return"):
         assert column in rows[0]
     episodes = [r for r in rows if r["charts/episodic_return"]]
     assert len(episodes) == 1 and episodes[0]["charts/episodic_length"] == "1000.0"  # one 1000-step DMC episode
@@ -270,23 +395,36 @@ def test_smoke_run_on_cartpole_swingup_writes_metrics_and_a_model_that_loads(tmp
     for r in updates:
         assert np.isfinite(float(r["charts/amortisation_gap"])) and np.isfinite(float(r["losses/proposal_nll"]))
         assert 0.0 <= float(r["charts/argmax_from_proposal"]) <= 1.0
+        assert 0.0 <= float(r["charts/greedy_from_proposal"]) <= 1.0
         assert 0.0 <= float(r["losses/entropy"]) <= np.log(11) + 1e-4  # one sub-action of 11 bins
+    evaluations = [float(r["eval/episodic_return"]) for r in rows if r["eval/episodic_return"]]
+    assert len(evaluations) == 1  # at the end
+    assert "step     1500" in result.stdout and "compiling the update" in result.stdout
 
-    model_path = os.path.join(run_dir, "aql_discrete.flax")
+    model_path = os.path.join(run_dir, "aql_discrete.npz")
+    meta, arrays = aql.load_arrays(model_path, "--load-model")
+    assert meta["script"] == "aql_discrete.py" and meta["args"]["env_id"] == "cartpole-swingup"
     model = aql.AQLNetwork(1, 11)
     template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)), jnp.zeros((1, 1, 1), jnp.int32))
-    loaded = flax.serialization.from_bytes(template, open(model_path, "rb").read())
+    loaded = aql.restore(template, arrays, "--load-model")
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(template)))
-    evaluation = run_script("aql_discrete.py", "--env-id", "cartpole-swingup", *search, "--load-model", model_path,
-                            cwd=tmp_path, env=cached_env(tmp_path))
+    evaluation = run_script("aql_discrete.py", "--load-model", model_path, cwd=tmp_path, env=cached_env(tmp_path))
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-    assert "greedy return over 1 episode(s)" in evaluation.stdout
+    # The run's own evaluation seeds and search: the saved model scores what the run logged at its end.
+    assert f"greedy evaluation return {evaluations[-1]:.1f} over 1 episode(s)" in evaluation.stdout
+    for overrides, message in [(dict(env_id="cartpole-balance"), "--env-id 'cartpole-balance' differs from the "
+                                                                 "saved run's 'cartpole-swingup'"),
+                               (dict(num_bins=5), "--num-bins 5 differs from the saved run's 11"),
+                               (dict(proposal_hidden=64), "--proposal-hidden 64 differs from the saved run's 128")]:
+        with pytest.raises(SystemExit) as exit_info:
+            aql.main(aql.Args(load_model=model_path, **overrides))
+        assert exit_info.value.code == f"error: --load-model: {message}"
 
 
 def test_cartpole_runs_as_one_sub_action_and_seeds_reproduce(tmp_path):
     flags = ["--env-id", "CartPole-v1", "--total-timesteps", "400", "--learning-starts", "100", "--n-proposal", "2",
              "--m-uniform", "4", "--batch-size", "32", "--buffer-size", "1000", "--eval-frequency", "400",
-             "--log-frequency", "100"]
+             "--log-frequency", "100", "--xla-cache", str(tmp_path / "xla")]
     for run in ("a", "b"):  # the second run takes its compiled functions from the first one's cache
         os.makedirs(tmp_path / run)
         result = run_script("aql_discrete.py", *flags, cwd=tmp_path / run, env=cached_env(tmp_path))
@@ -295,6 +433,203 @@ def test_cartpole_runs_as_one_sub_action_and_seeds_reproduce(tmp_path):
     rows = [read_metrics(glob.glob(str(tmp_path / run / "runs" / "*"))[0]) for run in ("a", "b")]
     assert len([r for r in rows[0] if r["charts/episodic_return"]]) >= 5  # CartPole episodes are short early on
     assert len([r for r in rows[0] if r["eval/episodic_return"]]) == 1
-    for column in ("charts/episodic_return", "losses/td_loss", "charts/amortisation_gap", "eval/episodic_return"):
+    for column in ("charts/episodic_return", "losses/td_loss", "charts/amortisation_gap", "eval/episodic_return",
+                   "charts/greedy_from_proposal"):
         values = [[r[column] for r in rs if r[column]] for rs in rows]
         assert values[0] and values[0] == values[1]
+
+
+FAST = dict(env_id="Pendulum-v1", learning_starts=100, buffer_size=2000, batch_size=16, n_proposal=4, m_uniform=4,
+            amortisation_states=8, proposal_hidden=16, eval_frequency=0, log_frequency=100)
+
+
+def train_in_process(directory, monkeypatch, **overrides):
+    """Run main() here (a warm jit cache makes repeated runs cheap), with the persistent XLA cache off: it stays
+    configured for the whole process once a run turns it on. Return the run directory and checkpoint."""
+    monkeypatch.chdir(directory)
+    args = aql.Args(**dict(FAST, xla_cache="", **overrides))
+    aql.main(args)
+    run_dir = args.resume or max(glob.glob(f"runs/*__{args.exp_name}__*"), key=os.path.getmtime)
+    return run_dir, aql.load_arrays(aql.checkpoint_file(run_dir), "--resume")
+
+
+def saved(arrays, prefix):
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+
+def test_time_limits_target_copies_and_resume_on_pendulum(tmp_path, monkeypatch):
+    # Pendulum-v1 ends every 200 steps by its time limit; targets copy every 300.
+    run_dir, (meta, arrays) = train_in_process(tmp_path, monkeypatch, total_timesteps=600,
+                                               target_network_frequency=300, checkpoint_frequency=600,
+                                               exp_name="pendulum")
+    buffer = saved(arrays, "['buffer'].storage")
+    obs, next_obs = buffer["['obs']"], buffer["['next_obs']"]
+    assert meta["global_step"] == 600 and len(obs) == 600
+    np.testing.assert_array_equal(buffer["['terminated']"], 0.0)  # a time limit is not a termination
+    ends = np.flatnonzero(np.any(next_obs[:-1] != obs[1:], axis=1))
+    np.testing.assert_array_equal(ends, [199, 399])  # the stored next_obs is the episode's own, never a reset
+    assert buffer["['action']"].dtype == np.int32 and len(np.unique(buffer["['action']"])) == 11  # bin indices
+    params, target = saved(arrays, "['state'].params"), saved(arrays, "['state'].target_params")
+    assert all(np.array_equal(params[k], target[k]) for k in params)  # copied at step 600, after its update
+    assert int(arrays["['state'].step"]) == (600 - 100) // 10 + 1  # one update per 10 steps from step 100
+
+    with open(os.path.join(run_dir, "metrics.csv"), "a") as f:  # as a run killed after its last checkpoint writes
+        f.write("650,-1.0,200.0,1.0" + "," * 9 + "\n")
+    _, (meta, resumed) = train_in_process(tmp_path, monkeypatch, total_timesteps=700, resume=run_dir)
+    assert meta["global_step"] == 700 and int(resumed["['state'].step"]) == 61
+    assert all(np.array_equal(saved(resumed, "['state'].target_params")[k], params[k]) for k in params)  # no copy
+    assert not all(np.array_equal(saved(resumed, "['state'].params")[k], params[k]) for k in params)  # at 700
+    rows = read_metrics(run_dir)
+    steps = [int(r["global_step"]) for r in rows if r["charts/SPS"]]
+    assert steps == list(range(100, 701, 100))  # metrics.csv continued where the checkpoint was taken
+    assert all(int(r["global_step"]) != 650 for r in rows)  # rows past the checkpoint are dropped
+    assert [int(r["global_step"]) for r in rows if r["charts/episodic_return"]] == [200, 400, 600]
+    assert all(r["charts/greedy_from_proposal"] and r["charts/amortisation_gap"] for r in rows if r["charts/SPS"])
+
+
+def replay_single_envs(buffer, env_id, num_envs, final, num_bins=11):
+    """Env i's transitions sit at rows i, i + N, ...: replay its actions alone, from seed 1 + i, and compare."""
+    for i in range(num_envs):
+        env = aql.make_env(env_id, 1 + i)
+        obs, _ = env.reset(seed=1 + i)
+        for row in range(i, final, num_envs):
+            np.testing.assert_array_equal(buffer["['obs']"][row], obs)
+            action = aql.env_action(env.action_space, buffer["['action']"][row], num_bins)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            np.testing.assert_allclose(buffer["['reward']"][row], reward, rtol=1e-6)
+            np.testing.assert_array_equal(buffer["['next_obs']"][row], obs)
+            assert buffer["['terminated']"][row] == terminated
+            if terminated or truncated:
+                obs, _ = env.reset()
+
+
+@pytest.mark.parametrize("num_envs", [1, 4, 16])
+def test_vector_env_transitions_equal_single_envs_and_updates_keep_their_ratio(tmp_path, monkeypatch,
+                                                                               num_envs):
+    run_dir, (meta, arrays) = train_in_process(tmp_path, monkeypatch, total_timesteps=500,
+                                               num_envs=num_envs, checkpoint_frequency=10_000,
+                                               exp_name=f"vector{num_envs}")
+    final, rows = meta["global_step"], np.lcm(num_envs, 10)  # rows: transitions per update call
+    stored, pending = saved(arrays, "['buffer'].storage"), saved(arrays, "['pending']")
+    assert final == -(-500 // num_envs) * num_envs and len(stored["['obs']"]) == final // rows * rows
+    buffer = {k: np.concatenate([v, pending[k][: final % rows]]) for k, v in stored.items()}  # not yet sent
+    replay_single_envs(buffer, "Pendulum-v1", num_envs, final)
+    # one update per 10 environment steps, from the first update call at or after step 100
+    first, last = -(-100 // rows) * rows, final // rows * rows
+    assert int(arrays["['state'].step"]) == (last - first) // 10 + rows // 10
+    assert abs(int(arrays["['state'].step"]) - (final - 100) / 10) <= rows / 10
+    # The update before each log line measured the amortisation gap: every line after the first update shows
+    # one, and a new one each time.
+    gaps = [r["charts/amortisation_gap"] for r in read_metrics(run_dir) if r["losses/td_loss"]]
+    assert len(gaps) >= 3 and all(gaps) and all(a != b for a, b in zip(gaps, gaps[1:])), gaps
+
+
+def test_cartpole_with_several_envs_stores_terminations_as_terminal(tmp_path, monkeypatch):
+    # CartPole-v1 (Discrete(2): actions [N] for a vector env) terminates once the pole falls, within a few dozen steps.
+    _, (meta, arrays) = train_in_process(tmp_path, monkeypatch, env_id="CartPole-v1", num_envs=4,
+                                         total_timesteps=300, checkpoint_frequency=300, exp_name="falls")
+    stored, pending = saved(arrays, "['buffer'].storage"), saved(arrays, "['pending']")
+    buffer = {k: np.concatenate([v, pending[k][: 300 % 20]]) for k, v in stored.items()}
+    assert meta["global_step"] == 300 and buffer["['action']"].shape == (300, 1)
+    terminated = buffer["['terminated']"]
+    assert terminated.sum() >= 8 and set(np.unique(terminated)) == {0.0, 1.0}
+    replay_single_envs(buffer, "CartPole-v1", 4, 300)  # terminal where the env terminated, its own last obs
+
+
+def run_state(model, params, target_params, capacity=64):
+    state = jax.tree.map(jnp.asarray, aql.AQLState.create(apply_fn=model.apply, params=params,
+                                                          target_params=target_params, tx=TX))
+    example = dict(obs=np.zeros(OBS_DIM, np.float32), action=np.zeros(DIM, np.int32), reward=np.float32(0),
+                   next_obs=np.zeros(OBS_DIM, np.float32), terminated=np.float32(0))
+    return dict(state=state, buffer=aql.buffer_init(example, capacity), key=jax.random.PRNGKey(0),
+                greedy=jnp.zeros(2), pending={k: np.zeros((10, *np.shape(v)), np.asarray(v).dtype)
+                                              for k, v in example.items()})
+
+
+def chunks(count):
+    rng = np.random.default_rng(7)
+    return [dict(obs=rng.normal(size=(10, OBS_DIM)).astype(np.float32),
+                 action=rng.integers(0, BINS, (10, DIM)).astype(np.int32),
+                 reward=rng.normal(size=10).astype(np.float32),
+                 next_obs=rng.normal(size=(10, OBS_DIM)).astype(np.float32),
+                 terminated=(rng.uniform(size=10) < 0.2).astype(np.float32)) for _ in range(count)]
+
+
+def test_a_checkpointed_run_continues_exactly_as_one_that_never_stopped(model_and_params, tmp_path):
+    model, params, target_params = model_and_params
+    settings = dict(UPDATE, batch_size=8)
+    steps, keys = chunks(6), jax.random.split(jax.random.PRNGKey(1), 6)
+
+    def train(run, first, last):
+        for chunk, key in zip(steps[first:last], keys[first:last]):
+            state, buffer, _ = aql.update(model, run["state"], run["buffer"], chunk, key, **settings)
+            run = dict(run, state=state, buffer=buffer)
+        return run
+
+    uninterrupted = train(run_state(model, params, target_params), 0, 6)
+    stopped = train(run_state(model, params, target_params), 0, 3)
+    stopped["pending"]["obs"][:4] = 1.5  # steps taken since the last update travel with the checkpoint too
+    stopped["greedy"] = jnp.array([7.0, 3.0])  # and the acting counts of the current log period
+    path = aql.save_arrays(str(tmp_path / "checkpoint" / "state.npz"), stopped, dict(global_step=30))
+    meta, arrays = aql.load_arrays(path, "--resume")
+    assert meta == dict(global_step=30, script="aql_discrete.py")
+    assert len(arrays["['buffer'].storage['obs']"]) == 30  # the filled rows of 64
+    resumed = aql.restore(run_state(model, params, target_params), arrays, "--resume")
+    assert jax.tree.structure(stopped) == jax.tree.structure(resumed)
+    for a, b in zip(jax.tree.leaves(stopped), jax.tree.leaves(resumed)):  # the resume point is the checkpoint
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(a, b)
+    resumed = train(resumed, 3, 6)
+    for a, b in zip(jax.tree.leaves(uninterrupted["state"]), jax.tree.leaves(resumed["state"])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(uninterrupted["buffer"]), jax.tree.leaves(resumed["buffer"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_damaged_missing_or_foreign_checkpoints_are_refused_with_one_line(model_and_params, tmp_path):
+    model, params, target_params = model_and_params
+    run = run_state(model, params, target_params)
+    path = aql.save_arrays(str(tmp_path / "state.npz"), run, {})
+    with open(path, "rb") as f:
+        data = f.read()
+    for name, content in [("cut.npz", data[: len(data) // 2]), ("noise.npz", b"not a checkpoint")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit, match=r"^error: --resume: .* is damaged or was not saved by aql_discrete.py"):
+            aql.load_arrays(str(tmp_path / name), "--resume")
+    with pytest.raises(SystemExit, match=r"^error: --resume: no such file: .*nowhere"):
+        aql.load_arrays(str(tmp_path / "nowhere" / "state.npz"), "--resume")
+    _, arrays = aql.load_arrays(path, "--resume")
+    with pytest.raises(SystemExit, match=r"^error: --resume: the saved \['buffer'\].storage\['action'\] is "
+                                         r"int32\[0, 2\], this run's float32\[64, 2\]"):
+        other = run_state(model, params, target_params)
+        storage = dict(other["buffer"].storage, action=jnp.zeros((64, DIM)))
+        aql.restore(dict(other, buffer=other["buffer"]._replace(storage=storage)), arrays, "--resume")
+
+
+def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    flags = ["--env-id", "CartPole-v1", "--total-timesteps", "1000000", "--learning-starts", "100",
+             "--n-proposal", "2", "--m-uniform", "4", "--batch-size", "32", "--buffer-size", "1000",
+             "--eval-frequency", "0", "--log-frequency", "100", "--checkpoint-frequency", "5000",
+             "--xla-cache", str(tmp_path / "xla")]
+    process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(aql.__file__), "aql_discrete.py"),
+                                *flags], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=cached_env(tmp_path))
+    for line in process.stdout:  # wait until it trains, past compiling
+        if line.startswith("step      300"):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert "interrupted at step" in stdout and f"--resume runs/{os.path.basename(run_dir)}" in stdout
+    meta, _ = aql.load_arrays(aql.checkpoint_file(run_dir), "--resume")
+    assert 300 <= meta["global_step"] < 1_000_000
+    model = aql.load_arrays(os.path.join(run_dir, "aql_discrete.npz"), "--load-model")[0]
+    assert model["global_step"] == meta["global_step"]
+    wrong = run_script("aql_discrete.py", "--resume", os.path.relpath(run_dir, tmp_path), "--seed", "2", cwd=tmp_path)
+    assert wrong.returncode == 1 and wrong.stderr.strip() == "error: --resume: --seed 2 differs from the saved run's 1"

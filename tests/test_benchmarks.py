@@ -144,28 +144,68 @@ def test_training_sps_reads_the_steady_rate_from_the_cumulative_log(monkeypatch)
                 f.write(f"{step},{step / seconds}\n")
 
     monkeypatch.setattr(q, "main", fake_main)
-    cumulative, steady = speed.training_sps(q, "walker-walk", 4000)
+    cumulative, steady = speed.training_sps(q, "walker-walk", 4000, 1)
     assert steady == pytest.approx(200.0)
     assert cumulative == pytest.approx(4000 / (2.5 + 10 + 15))
 
 
 def test_speed_benchmark_times_every_agent_against_the_matmul(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(speed, "training_sps", lambda agent, env_id, steps: (117.0, 234.0))
+    monkeypatch.setattr(speed, "training_sps", lambda agent, env_id, steps, num_envs: (117.0, 234.0))
+    monkeypatch.setattr(speed, "physics_ms", lambda env_id, num_envs: 0.5 * num_envs)
+    small = speed.prefilled_buffer  # the benchmark times updates against a 1e6 buffer; 4096 slots do here
+    monkeypatch.setattr(speed, "prefilled_buffer", lambda agent, transitions, capacity: small(agent, transitions, 4096))
     output = tmp_path / "speed.json"
-    speed.main(speed.Args(env_ids=["walker-walk"], agents=list(speed.AGENTS), repeats=1, output=str(output)))
-    results = {r["agent"]: r for r in __import__("json").load(open(output))["results"]}
-    assert set(results) == {"qmle_dmc", "qtopt_cem", "aql_discrete"}
-    for r in results.values():
+    speed.main(speed.Args(env_ids=["walker-walk"], agents=list(speed.AGENTS), num_envs=[4], repeats=1,
+                          output=str(output)))
+    results = {(r["agent"], r["num_envs"]): r for r in __import__("json").load(open(output))["results"]}
+    assert set(results) == {(a, 4) for a in ("qmle_dmc", "qtopt_cem", "aql_discrete")}
+    for (agent, num_envs), r in results.items():
         assert r["target_eval_over_matmul"] == pytest.approx(r["target_eval_ms"] / r["matmul_ms"])
         assert 0 < r["target_eval_fraction_of_matmul_rate"] and r["greedy_action_ms"] > 0
-        assert r["speedup_after_compile"] == pytest.approx(2.0)  # 234 against the release's 117 on walker
+        assert r["physics_sps"] == pytest.approx(2000.0)  # 0.5 ms per environment, whatever N
+        assert r["update_ms_per_step"] == pytest.approx(r["update_ms"] / 20)  # one call per lcm(4, 10) steps
+        assert r["greedy_action_ms_per_step"] == pytest.approx(r["greedy_action_ms"] / num_envs)
+        # the FLOP-bound rate: the matmul's GFLOP/s over one step's GFLOP (greedy action + a tenth of an update)
+        matmul_rate = 2 * 25_856 * 256 * 256 / 1e9 / (r["matmul_ms"] / 1e3)
+        step_gflop = r["step_gflop"]
+        assert r["flop_bound_sps"] == pytest.approx(matmul_rate / step_gflop)
+        assert r["fraction_of_flop_bound"] == pytest.approx(234.0 / r["flop_bound_sps"])
+        assert r["speedup_after_compile"] is None  # the release ran one environment: no ratio for four
     # QMLE's target: 256 x 101 candidates, about 1.5 matmuls' worth of multiply-adds; QT-Opt's: 256 x 128
     matmul_gflop = 2 * 25_856 * 256 * 256 / 1e9
-    assert 1.45 < results["qmle_dmc"]["target_eval_gflop"] / matmul_gflop < 1.6
-    assert 1.85 < results["qtopt_cem"]["target_eval_gflop"] / matmul_gflop < 2.0
+    qmle, qtopt, aql = (results[a, 4] for a in ("qmle_dmc", "qtopt_cem", "aql_discrete"))
+    assert 1.45 < qmle["target_eval_gflop"] / matmul_gflop < 1.6
+    assert 1.85 < qtopt["target_eval_gflop"] / matmul_gflop < 2.0
     # AQL's: 256 x 500 candidates (about 7.5 matmuls) plus 100 proposal samples of 6 sub-actions per state
-    assert 7.4 < results["aql_discrete"]["target_eval_gflop"] / matmul_gflop < 7.9
-    assert "| qtopt_cem | walker-walk |" in capsys.readouterr().out
+    assert 7.4 < aql["target_eval_gflop"] / matmul_gflop < 7.9
+    # One QMLE step on walker-walk: 1000 greedy candidates (~98.9k multiply-adds each: 6 x 128 + 128 x 256 +
+    # 256 x 256 + 256) and a tenth of an update: its target, then the gradient step on 256 replayed pairs,
+    # which adds a few percent (a forward and backward pass on one candidate per state, instead of 101)
+    greedy = 2 * 1000 * (6 * 128 + 128 * 256 + 256 * 256 + 256) / 1e9
+    assert 1.0 < qmle["step_gflop"] / (greedy + qmle["target_eval_gflop"] / 10) < 1.1
+    table = capsys.readouterr().out
+    assert "| qtopt_cem | walker-walk | 4 | 234 | 2000 |" in table and "CPU" in table
+
+
+def test_a_step_splits_into_physics_action_update_and_the_rest():
+    # 16 environments at 500 steps/s: 2 ms per step; a vector step's 8 ms of physics and 4 ms of action are
+    # shared by 16, an update call's 20 ms by lcm(16, 10) = 80 steps, and 2 - 0.5 - 0.25 - 0.25 ms is left over.
+    parts = speed.breakdown(16, 10, 500.0, physics=8.0, act_ms=4.0, update_ms=20.0)
+    assert parts == pytest.approx(dict(step_ms=2.0, physics_ms_per_step=0.5, greedy_action_ms_per_step=0.25,
+                                       update_ms_per_step=0.25, rest_ms_per_step=1.0))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--timesteps", "100"], "--timesteps must be >= 2000, got 100"),
+    (["--num-envs", "0"], "--num-envs must be >= 1, got 0"),
+    (["--agents", "dqn"], "unknown agent 'dqn'"),
+    (["--env-ids", "walker-wlak"], "unknown --env-id 'walker-wlak'"),
+])
+def test_bad_flags_of_the_speed_benchmark_give_one_line(flags, message):
+    result = run_script(os.path.join("benchmarks", "speed.py"), *flags)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
 
 
 def test_random_floor_is_the_mean_return_of_random_actions(capsys):
@@ -176,7 +216,7 @@ def test_random_floor_is_the_mean_return_of_random_actions(capsys):
 
 
 def test_wolpertinger_speed_splits_a_training_step_into_its_parts():
-    r = speed.measure_wolpertinger(1000, speed.Args(repeats=1), matmul_ms=2.0)
+    r = speed.measure_wolpertinger(1000, speed.Args(repeats=1), 2.0)  # a 2 ms matmul
     assert (r["num_actions"], r["k"]) == (1000, 100)  # Pendulum's 1-D grid, k = 10% of the actions
     assert r["step_ms"] == pytest.approx(r["act_ms"] + r["env_step_ms"] + r["update_ms"])  # one update per step
     assert r["knn_share_of_step"] == pytest.approx(r["knn_ms"] / r["step_ms"]) and 0 < r["knn_share_of_step"] < 1
@@ -189,3 +229,28 @@ def test_reach_is_the_first_step_whose_trailing_window_meets_the_bar():
     assert learning.first_reach(points, -200, 3) == 800
     assert learning.first_reach(points, -160, 3) is None
     assert learning.first_reach(points, -100, 1) == 600
+
+
+import checkpoint  # noqa: E402
+
+
+def test_checkpoint_cost_is_the_replay_storage_plus_the_networks(tmp_path):
+    r = checkpoint.measure(checkpoint.Args(env_id="walker-walk", transitions=1000, directory=str(tmp_path)))
+    # walker-walk: 24 observation and 6 action dimensions; a transition stores obs, next_obs, action, argmax,
+    # reward and terminated as float32: (24 + 24 + 6 + 6 + 1 + 1) x 4 bytes
+    assert r["bytes_per_transition"] == 248 and r["replay_storage_bytes"] == 248_000
+    # on top: parameters, target parameters and Adam's two moments (about 0.17M floats each), the sum-tree
+    assert 248_000 + 4 * 4 * 150_000 < r["bytes"] < 248_000 + 4 * 4 * 250_000
+    assert os.path.getsize(tmp_path / "checkpoint" / "state.npz") == r["bytes"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--transitions", "0"], "--transitions must be >= 1, got 0"),
+    (["--directory", "/no/such/dir"], "--directory: no such directory: /no/such/dir"),
+    (["--env-id", "dog-wlak"], "unknown --env-id 'dog-wlak'"),
+])
+def test_bad_flags_of_the_checkpoint_benchmark_give_one_line(flags, message):
+    result = run_script(os.path.join("benchmarks", "checkpoint.py"), *flags)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]

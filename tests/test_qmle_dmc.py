@@ -8,7 +8,6 @@ import json
 import os
 import struct
 
-import flax
 import imageio
 import jax
 import jax.numpy as jnp
@@ -81,6 +80,17 @@ def test_budget_split_follows_the_ratios_and_adds_up(m, expected):
     budget = q.Budget.split(m, 0.9, 0.01, 0.09)
     assert tuple(budget) == expected and sum(budget) == m
     assert sum(q.Budget.split(7, 1.0, 0.0, 0.0)) == 7  # the all-uniform ablation
+    assert q.Budget.split(100, 0.9, 0.01, 0.09, grid_fraction=0.0) == (90, 0, 1, 9)  # continuous only (Fig. 8)
+    assert q.Budget.split(100, 0.9, 0.01, 0.09, grid_fraction=0.25) == (68, 22, 1, 9)
+
+
+def test_the_grid_phase_draws_uniform_samples_evenly_over_the_bins():
+    # Fig. 12's first phase: the continuous uniform part is drawn over the bins, not the box snapped to them
+    # (which gives the middle of 3 bins twice the share of each end).
+    c = q.sample_candidates(jax.random.PRNGKey(9), jnp.zeros((1, 2)), jnp.zeros((1, 2, 3)), q.Budget(30_000, 0, 0, 0),
+                            0.1, discrete=True)
+    shares = [float(jnp.mean(c == v)) for v in (-1.0, 0.0, 1.0)]
+    np.testing.assert_allclose(shares, 1 / 3, atol=0.01)
 
 
 def test_candidates_respect_bounds_sources_and_the_delta_point():
@@ -155,6 +165,24 @@ def target_params(model_and_params):
     """Target parameters unlike the online ones, so that a target computed with the wrong network shows."""
     model, _ = model_and_params
     return jax.jit(model.init)(jax.random.PRNGKey(99), jnp.zeros((1, OBS_DIM)), jnp.zeros((1, 1, ACTION_DIM)))
+
+
+def test_without_the_cache_the_target_search_is_its_samples_alone(model_and_params):
+    model, params = model_and_params
+    next_obs = jax.random.normal(jax.random.PRNGKey(10), (3, OBS_DIM))
+    fine = jnp.array(list(itertools.product(np.linspace(-1, 1, 41), repeat=ACTION_DIM)))
+    prior = jax.vmap(lambda o: fine[q_reference(params, o, fine).argmax()])(next_obs)  # beats the 3-bin grid
+    grid = jnp.array(list(itertools.product([-1.0, 0.0, 1.0], repeat=ACTION_DIM)))
+    grid_max = jax.vmap(lambda o: q_reference(params, o, grid).max())(next_obs)
+    prior_q = jax.vmap(lambda o, p: q_reference(params, o, p[None])[0])(next_obs, prior)
+    assert bool(jnp.all(prior_q > grid_max))
+    search = jax.jit(q.target_argmax, static_argnums=(0, 5, 6, 7, 8))
+    budget = q.Budget(0, 200, 0, 0)  # the 9 grid actions, each drawn w.h.p.
+    cached = search(model, params, next_obs, prior, jax.random.PRNGKey(11), budget, 0.1, False, True)
+    alone = search(model, params, next_obs, prior, jax.random.PRNGKey(11), budget, 0.1, False, False)
+    np.testing.assert_allclose(cached[0], prior)
+    np.testing.assert_allclose(alone[1], grid_max, rtol=1e-5)
+    assert set(np.unique(alone[0]).tolist()) <= {-1.0, 0.0, 1.0}
 
 
 def make_update_inputs(model, params, target_params, terminated):
@@ -284,19 +312,20 @@ def test_several_updates_in_one_call_equal_the_same_updates_one_by_one(model_and
 
 def test_select_action_is_greedy_over_its_candidates_or_random(model_and_params):
     model, params = model_and_params
-    obs = np.ones(OBS_DIM, np.float32)
+    obs = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (3, OBS_DIM)))  # three environments' states
     budget = q.Budget(450, 450, 10, 90)
     action, best = q.select_action(model, params, obs, jax.random.PRNGKey(0), 0.0, budget, 0.1)
-    e = model.apply(params, obs[None], method=q.QMLENetwork.observation_stream)
+    e = model.apply(params, obs, method=q.QMLENetwork.observation_stream)
     delta = model.apply(params, e, method=q.QMLENetwork.delta)
     logits = model.apply(params, e, method=q.QMLENetwork.categorical_logits)
     k_candidates = jax.random.split(jax.random.PRNGKey(0), 3)[0]  # select_action's own split
-    candidates = q.sample_candidates(k_candidates, delta, logits, budget, 0.1)[0]
-    values = q_reference(params, obs, candidates)
-    assert int(best) == int(values.argmax())
-    np.testing.assert_allclose(action, candidates[int(best)])
+    candidates = q.sample_candidates(k_candidates, delta, logits, budget, 0.1)
+    for i in range(3):  # each state's action is the best of its own candidates under the written-out Q
+        values = q_reference(params, obs[i], candidates[i])
+        assert int(best[i]) == int(values.argmax())
+        np.testing.assert_allclose(action[i], candidates[i, int(best[i])])
     randoms = [q.select_action(model, params, obs, k, 1.0, budget, 0.1) for k in jax.random.split(jax.random.PRNGKey(1), 5)]
-    assert all(int(b) == -1 for _, b in randoms) and len({float(a[0]) for a, _ in randoms}) == 5
+    assert all(bool(jnp.all(b == -1)) for _, b in randoms) and len({float(a[0, 0]) for a, _ in randoms}) == 5
 
 
 def test_every_deepmind_control_suite_task_has_an_env_id():
@@ -311,12 +340,12 @@ def test_every_deepmind_control_suite_task_has_an_env_id():
 
 def test_curriculum_phase_acts_on_the_bin_grid_only(model_and_params):
     model, params = model_and_params
-    obs = np.ones(OBS_DIM, np.float32)
+    obs = np.ones((2, OBS_DIM), np.float32)
     budget = q.Budget(45, 45, 1, 9)
     for epsilon in (0.0, 1.0):  # greedy, then random
         for key in jax.random.split(jax.random.PRNGKey(epsilon == 1.0), 4):
             action, _ = q.select_action(model, params, obs, key, epsilon, budget, 0.1, discrete=True)
-            assert set(np.asarray(action).tolist()) <= {-1.0, 0.0, 1.0}
+            assert set(np.asarray(action).ravel().tolist()) <= {-1.0, 0.0, 1.0}
 
 
 # --- argument checking: one clear line, non-zero exit, no traceback ------------------------------------------
@@ -337,9 +366,22 @@ def test_bad_arguments_are_rejected_with_one_line(overrides, message):
     assert text.startswith("error: ") and message in text and "\n" not in text
 
 
+def test_a_source_that_small_budgets_leave_empty_is_warned_of(capsys):
+    args = q.Args(m_greedy=2, m_target=100)  # Fig. 9's budget 2: one continuous and one grid sample
+    split = lambda m: q.Budget.split(m, args.rho_uniform, args.rho_delta, args.rho_categorical)  # noqa: E731
+    q.warn_of_empty_sources(args, split(args.m_greedy), split(args.m_target))
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --m-greedy 2 gives the delta source no sample although its share is 0.01",
+        "warning: --m-greedy 2 gives the categorical source no sample although its share is 0.09"]
+    no_grid = q.Args(rho_uniform=1.0, rho_delta=0.0, rho_categorical=0.0, grid_fraction=0.0, m_greedy=2, m_target=2)
+    split = lambda m: q.Budget.split(m, 1.0, 0.0, 0.0, 0.0)  # noqa: E731
+    q.warn_of_empty_sources(no_grid, split(2), split(2))  # Fig. 8's uniform-only variant: nothing is missing
+    assert capsys.readouterr().err == ""
+
+
 def test_unknown_env_and_bad_budget_exit_cleanly_from_the_command_line(tmp_path):
     for flags, expected in [(["--env-id", "walker-wlak"], "error: unknown --env-id 'walker-wlak'"),
-                            (["--env-id", "CartPole-v1"], "has Discrete actions"),
+                            (["--env-id", "CartPole-v1"], "has Discrete(2) actions"),
                             (["--m-target", "0"], "error: --m-target must be >= 1, got 0")]:
         result = run_script("qmle_dmc.py", *flags, cwd=tmp_path)
         assert result.returncode != 0
@@ -402,10 +444,11 @@ FAST = dict(env_id="Pendulum-v1", learning_starts=100, buffer_size=2000, batch_s
             eval_frequency=0, log_frequency=100)
 
 
-def train_in_process(directory, monkeypatch, xla_cache, **overrides):
-    """Run main() here (a warm jit cache makes repeated runs cheap); return the run directory and checkpoint."""
+def train_in_process(directory, monkeypatch, **overrides):
+    """Run main() here (a warm jit cache makes repeated runs cheap), with the persistent XLA cache off: it stays
+    configured for the whole process once a run turns it on. Return the run directory and checkpoint."""
     monkeypatch.chdir(directory)
-    args = q.Args(**dict(FAST, xla_cache=xla_cache, **overrides))
+    args = q.Args(**dict(FAST, xla_cache="", **overrides))
     q.main(args)
     run_dir = args.resume or max(glob.glob(f"runs/*__{args.exp_name}__*"), key=os.path.getmtime)
     return run_dir, q.load_arrays(q.checkpoint_file(run_dir), "--resume")
@@ -415,14 +458,10 @@ def saved(arrays, prefix):
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
-@pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("xla"))
 
-
-def test_transitions_periods_curriculum_and_resume_on_a_time_limited_task(tmp_path, monkeypatch, xla_cache):
+def test_transitions_periods_curriculum_and_resume_on_a_time_limited_task(tmp_path, monkeypatch):
     # Pendulum-v1 ends every 200 steps by its time limit; the grid phase lasts 150 steps; targets copy every 300.
-    run_dir, (meta, arrays) = train_in_process(tmp_path, monkeypatch, xla_cache, total_timesteps=600,
+    run_dir, (meta, arrays) = train_in_process(tmp_path, monkeypatch, total_timesteps=600,
                                                discrete_steps=150, target_network_frequency=300,
                                                checkpoint_frequency=600, exp_name="pendulum")
     buffer = saved(arrays, "['buffer'].storage")
@@ -436,7 +475,7 @@ def test_transitions_periods_curriculum_and_resume_on_a_time_limited_task(tmp_pa
     assert all(np.array_equal(params[k], target[k]) for k in params)  # copied at step 600, after its update
     assert int(arrays["['state'].step"]) == (600 - 100) // 10 + 1  # one update per 10 steps from step 100
 
-    _, (meta, resumed) = train_in_process(tmp_path, monkeypatch, xla_cache, total_timesteps=700, resume=run_dir)
+    _, (meta, resumed) = train_in_process(tmp_path, monkeypatch, total_timesteps=700, resume=run_dir)
     assert meta["global_step"] == 700 and int(resumed["['state'].step"]) == 61
     assert all(np.array_equal(saved(resumed, "['state'].target_params")[k], params[k]) for k in params)  # no copy
     assert not all(np.array_equal(saved(resumed, "['state'].params")[k], params[k]) for k in params)  # at 700
@@ -445,9 +484,9 @@ def test_transitions_periods_curriculum_and_resume_on_a_time_limited_task(tmp_pa
 
 
 @pytest.mark.parametrize("num_envs", [1, 4, 16])
-def test_vector_env_transitions_equal_single_envs_and_updates_keep_their_ratio(tmp_path, monkeypatch, xla_cache,
+def test_vector_env_transitions_equal_single_envs_and_updates_keep_their_ratio(tmp_path, monkeypatch,
                                                                                num_envs):
-    _, (meta, arrays) = train_in_process(tmp_path, monkeypatch, xla_cache, total_timesteps=500, num_envs=num_envs,
+    _, (meta, arrays) = train_in_process(tmp_path, monkeypatch, total_timesteps=500, num_envs=num_envs,
                                          checkpoint_frequency=10_000, exp_name=f"vector{num_envs}")
     final, rows = meta["global_step"], np.lcm(num_envs, 10)  # rows: transitions per update call
     stored, pending = saved(arrays, "['buffer'].storage"), saved(arrays, "['pending']")
@@ -470,9 +509,9 @@ def test_vector_env_transitions_equal_single_envs_and_updates_keep_their_ratio(t
     assert abs(int(arrays["['state'].step"]) - (final - 100) / 10) <= rows / 10
 
 
-def test_a_termination_is_stored_as_terminal(tmp_path, monkeypatch, xla_cache):
+def test_a_termination_is_stored_as_terminal(tmp_path, monkeypatch):
     # InvertedPendulum-v5 terminates once the pole leans past 0.2 rad, which an untrained agent soon lets it do.
-    _, (_, arrays) = train_in_process(tmp_path, monkeypatch, xla_cache, env_id="InvertedPendulum-v5",
+    _, (_, arrays) = train_in_process(tmp_path, monkeypatch, env_id="InvertedPendulum-v5",
                                       total_timesteps=200, checkpoint_frequency=200, exp_name="falls")
     buffer = saved(arrays, "['buffer'].storage")
     terminated, next_obs, obs = buffer["['terminated']"], buffer["['next_obs']"], buffer["['obs']"]
@@ -559,7 +598,6 @@ def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path
     import signal
     import subprocess
     import sys
-    import time
 
     flags = smoke_flags("Pendulum-v1", total_timesteps=1_000_000, checkpoint_frequency=5000, eval_frequency=0)
     process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(q.__file__), "qmle_dmc.py"), *flags],
@@ -579,11 +617,16 @@ def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path
     assert wrong.returncode == 1 and wrong.stderr.strip() == "error: --resume: --seed 2 differs from the saved run's 1"
 
 
-def test_seeds_reproduce_on_a_gymnasium_task(tmp_path):
-    flags = smoke_flags("Pendulum-v1", total_timesteps=400, eval_frequency=0)  # two 200-step episodes
+def test_seeds_reproduce_and_a_second_run_compiles_nothing_new(tmp_path):
+    cache = tmp_path / "xla"  # the persistent compilation cache of both runs
+    flags = smoke_flags("Pendulum-v1", total_timesteps=400, eval_frequency=0, xla_cache=cache)  # two episodes
+    entries = []
     for run in ("a", "b"):
         os.makedirs(tmp_path / run)
-        assert run_script("qmle_dmc.py", *flags, cwd=tmp_path / run).returncode == 0
+        result = run_script("qmle_dmc.py", *flags, cwd=tmp_path / run)
+        assert result.returncode == 0 and f"cache: {cache}" in result.stdout
+        entries.append(sorted(os.listdir(cache)))
+    assert len(entries[0]) >= 3 and entries[1] == entries[0]  # the second run took every program from the cache
     rows = [read_metrics(glob.glob(str(tmp_path / run / "runs" / "*"))[0]) for run in ("a", "b")]
     returns = [[r["charts/episodic_return"] for r in rs if r["charts/episodic_return"]] for rs in rows]
     losses = [[r["losses/td_loss"] for r in rs if r["losses/td_loss"]] for rs in rows]

@@ -1,13 +1,16 @@
-"""wolpertinger.py: k-NN, the refined action, the action grid and the TD target against independent computations
-(numpy brute force, networks written out from their raw parameters), then argument errors and a whole run."""
+"""wolpertinger.py: k-NN, the refined action, the action grid, the TD target, the importance weights and the
+--policy-frequency gate against independent computations (numpy brute force, networks written out from their raw
+parameters), then argument errors, checkpoints and whole runs judged by what they write."""
 
 import csv
 import functools
 import glob
 import itertools
 import os
+import signal
+import subprocess
+import sys
 
-import flax
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
@@ -100,30 +103,58 @@ def test_discrete_actions_get_evenly_spaced_embeddings_and_grid_points_reach_the
 
 # --- acting ---------------------------------------------------------------------------------------------------------
 
-def test_selected_action_is_the_critic_s_best_of_the_k_nearest_to_the_noisy_proto_action():
-    dim, k, noise = 2, 12, 0.3
+def test_selected_actions_are_the_critic_s_best_of_the_k_nearest_to_the_noisy_proto_actions():
+    dim, k, noise, states = 2, 12, 0.3, 6
     params = networks(dim, 0)
     nets = w.Networks(w.Actor(dim), w.Critic(), k)
     table = w.action_table(gym.spaces.Box(-1, 1, (dim,)), 400)  # 20 x 20
-    rng = np.random.default_rng(1)
+    obs = np.random.default_rng(1).normal(size=(states, OBS_DIM)).astype(np.float32)
+    key = jax.random.PRNGKey(0)
+    index, nearest = w.select_action(nets, params, jnp.asarray(table), obs, key, noise, 0.0)  # all states at once
+    k_noise = jax.random.split(key, 3)[0]  # select_action's own split
+    noise_draw = np.asarray(jax.random.normal(k_noise, (states, dim)))
     changed = 0
-    for i in range(6):
-        obs = rng.normal(size=OBS_DIM).astype(np.float32)
-        key = jax.random.PRNGKey(i)
-        index, nearest = w.select_action(nets, params, jnp.asarray(table), obs, key, noise, 0.0)
-        k_noise = jax.random.split(key, 3)[0]  # select_action's own split
-        noise_draw = np.asarray(jax.random.normal(k_noise, (dim,)))
-        proto = np.clip(np_actor(params["actor"], obs.astype(np.float64)) + noise * noise_draw, -1, 1)
+    for i in range(states):
+        proto = np.clip(np_actor(params["actor"], obs[i].astype(np.float64)) + noise * noise_draw[i], -1, 1)
         neighbours = np_nearest(table, proto, k)
-        q = np_critic(params["critic"], obs.astype(np.float64), table[neighbours].astype(np.float64))
-        assert int(index) == neighbours[q.argmax()] and int(nearest) == neighbours[0]
-        changed += int(index) != int(nearest)
-        # epsilon 1, no noise: uniform over the k nearest to the proto-action itself
-        randoms = {int(w.select_action(nets, params, jnp.asarray(table), obs, kk, 0.0, 1.0)[0])
-                   for kk in jax.random.split(key, 30)}
-        around_proto = np_nearest(table, np_actor(params["actor"], obs.astype(np.float64)), k)
-        assert randoms <= set(around_proto.tolist()) and len(randoms) > 3
+        q = np_critic(params["critic"], obs[i].astype(np.float64), table[neighbours].astype(np.float64))
+        assert int(index[i]) == neighbours[q.argmax()] and int(nearest[i]) == neighbours[0]
+        changed += int(index[i]) != int(nearest[i])
     assert changed > 0  # the critic overruled the nearest neighbour at least once
+    # act: the same draw from its own split of the loop key, and the disagreements counted on the device
+    loop_key = jax.random.PRNGKey(5)
+    key, k_act, k_update = jax.random.split(loop_key, 3)
+    acted, next_key, update_key, counts = w.act(nets, params, jnp.asarray(table), obs, loop_key,
+                                                jnp.array([3, 10], jnp.int32), noise, 0.0)
+    index, nearest = w.select_action(nets, params, jnp.asarray(table), obs, k_act, noise, 0.0)
+    np.testing.assert_array_equal(acted, index)
+    np.testing.assert_array_equal(next_key, key)
+    np.testing.assert_array_equal(update_key, k_update)
+    np.testing.assert_array_equal(counts, [3 + int(np.sum(index != nearest)), 10 + states])
+    # epsilon 1, no noise: uniform over the k nearest to each proto-action itself
+    randoms = np.array([w.select_action(nets, params, jnp.asarray(table), obs, kk, 0.0, 1.0)[0]
+                        for kk in jax.random.split(key, 30)])
+    for i in range(states):
+        around_proto = np_nearest(table, np_actor(params["actor"], obs[i].astype(np.float64)), k)
+        assert set(randoms[:, i].tolist()) <= set(around_proto.tolist()) and len(set(randoms[:, i].tolist())) > 3
+
+
+def test_random_steps_leave_the_key_sequence_as_if_every_step_had_split_it():
+    key = jax.random.PRNGKey(3)
+    by_hand = key
+    for _ in range(7):
+        by_hand, _, k_update = jax.random.split(by_hand, 3)  # what act does once per step
+    advanced, last_update_key = w.advance_key(key, 7)
+    np.testing.assert_array_equal(advanced, by_hand)
+    np.testing.assert_array_equal(last_update_key, k_update)
+
+
+def test_epsilon_falls_linearly_to_its_end_over_the_exploration_fraction():
+    args = w.Args(epsilon=0.5, end_epsilon=0.1, exploration_fraction=0.4, total_timesteps=1000)  # over 400 steps
+    for step, expected in [(1, 0.5 - 0.4 / 400), (100, 0.4), (200, 0.3), (399, 0.5 - 0.4 * 399 / 400), (400, 0.1),
+                           (401, 0.1), (1000, 0.1)]:
+        assert w.exploration_epsilon(args, step) == pytest.approx(expected, abs=1e-12), step
+    assert w.exploration_epsilon(w.Args(epsilon=0.3, end_epsilon=0.3), 77) == pytest.approx(0.3)
 
 
 # --- the update ---------------------------------------------------------------------------------------------------
@@ -161,7 +192,7 @@ def test_td_target_actor_step_and_soft_update_match_a_hand_computation(terminate
     new_actor, new_critic, buffer, metrics = w.update(
         nets, actor_state, critic_state, empty(), chunk, jnp.asarray(table), key, gamma=gamma, tau=tau,
         batch_size=batch_size, prioritized=prioritized, alpha=alpha, beta=0.2, priority_epsilon=eps,
-        update_actor=True, knn_in_target=knn_in_target)
+        policy_frequency=1, knn_in_target=knn_in_target)  # every update steps the actor
 
     index, batch, _ = w.buffer_sample(w.buffer_add(empty(), chunk), key, batch_size, prioritized, 0.2)  # the same rows
     y = hand_targets(target["actor"], target["critic"], batch, gamma, table if knn_in_target else None, k)
@@ -189,6 +220,144 @@ def test_td_target_actor_step_and_soft_update_match_a_hand_computation(terminate
                                                      jax.tree.leaves(online["actor"])))
 
 
+def ddpg_states(online, target):
+    tx = optax.adam(1e-3)
+    return (w.DDPGState.create(apply_fn=None, params=online["actor"], target_params=target["actor"], tx=tx),
+            w.DDPGState.create(apply_fn=None, params=online["critic"], target_params=target["critic"], tx=tx))
+
+
+def random_chunk(table, size, seed):
+    rng = np.random.default_rng(seed)
+    return dict(obs=rng.normal(size=(size, OBS_DIM)).astype(np.float32),
+                action=table[rng.integers(0, len(table), size)], reward=rng.normal(size=size).astype(np.float32),
+                next_obs=rng.normal(size=(size, OBS_DIM)).astype(np.float32), terminated=np.zeros(size, np.float32))
+
+
+def same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+TABLE = w.action_table(gym.spaces.Box(-1, 1, (1,)), 50)
+NETS = w.Networks(w.Actor(1), w.Critic(), 5)
+UPDATE = dict(gamma=0.9, tau=0.1, batch_size=8, prioritized=True, alpha=0.6, beta=0.2, priority_epsilon=1e-6)
+
+
+def test_importance_weights_scale_the_td_loss():
+    online, target = networks(1, 0), networks(1, 1)  # targets from networks unlike the online ones
+    chunk = random_chunk(TABLE, 4, 0)
+    priorities = np.array([0.05, 0.5, 2.0, 8.0], np.float32)  # unequal, so the weights are too
+    buffer = w.buffer_init(jax.tree.map(lambda x: x[0], chunk), capacity=8)
+    buffer = w.buffer_update(w.buffer_add(buffer, chunk), jnp.arange(4), jnp.asarray(priorities), alpha=0.6)
+    key = jax.random.PRNGKey(3)
+    index = np.asarray(w.buffer_sample(buffer, key, 16, True, 0.2)[0])  # one update samples with the key itself
+    *_, metrics = w.update(NETS, *ddpg_states(online, target), buffer, jax.tree.map(lambda x: x[:0], chunk),
+                           jnp.asarray(TABLE), key, **dict(UPDATE, batch_size=16))
+    probability = priorities**0.6 / np.sum(priorities**0.6)
+    weights = (4 * probability[index]) ** -0.2
+    weights /= weights.max()
+    batch = {name: v[index] for name, v in chunk.items()}
+    y = hand_targets(target["actor"], target["critic"], batch, UPDATE["gamma"])
+    q = np.array([np_critic(online["critic"], o, a[None])[0] for o, a in zip(np.asarray(batch["obs"], np.float64),
+                                                                          np.asarray(batch["action"], np.float64))])
+    assert len(set(np.round(weights, 6))) > 1
+    assert abs(np.mean(weights * (y - q) ** 2) - np.mean((y - q) ** 2)) > 0.01 * np.mean((y - q) ** 2)
+    np.testing.assert_allclose(metrics["losses/qf_loss"], np.mean(weights * (y - q) ** 2), rtol=1e-4)
+
+
+def test_policy_frequency_gates_the_actor_step_and_the_soft_target_update():
+    online, target = networks(1, 0), networks(1, 1)
+    actor_state, critic_state = ddpg_states(online, target)
+    chunk, table, key = random_chunk(TABLE, 8, 1), jnp.asarray(TABLE), jax.random.PRNGKey(4)
+    fresh = lambda: w.buffer_init(jax.tree.map(lambda x: x[0], chunk), capacity=16)  # noqa: E731
+    for phase in (1, 2):  # the run has taken 1 or 2 updates modulo --policy-frequency 3: an off-step
+        a, c, _, metrics = w.update(NETS, actor_state, critic_state, fresh(), chunk, table, key, policy_frequency=3,
+                                    phase=phase, **UPDATE)
+        assert not same(c.params, online["critic"])  # the critic steps every update
+        assert same(a.params, online["actor"]) and int(a.step) == 0 and "losses/actor_loss" not in metrics
+        assert same(a.target_params, target["actor"]) and same(c.target_params, target["critic"])
+    a, c, _, metrics = w.update(NETS, actor_state, critic_state, fresh(), chunk, table, key, policy_frequency=3,
+                                phase=0, **UPDATE)
+    assert not same(a.params, online["actor"]) and int(a.step) == 1 and np.isfinite(metrics["losses/actor_loss"])
+    for state, before in ((a, target["actor"]), (c, target["critic"])):  # both targets moved tau of the way
+        expected = jax.tree.map(lambda p, t: 0.1 * p + 0.9 * t, state.params, before)
+        assert not same(state.target_params, before)
+        for x, y in zip(jax.tree.leaves(state.target_params), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("phase", [0, 2])
+def test_updates_in_one_call_gate_the_actor_as_the_same_updates_one_by_one(phase):
+    online, target = networks(1, 0), networks(1, 1)
+    actor_state, critic_state = ddpg_states(online, target)
+    chunk, table, key = random_chunk(TABLE, 8, 2), jnp.asarray(TABLE), jax.random.PRNGKey(5)
+    fresh = lambda: w.buffer_init(jax.tree.map(lambda x: x[0], chunk), capacity=16)  # noqa: E731
+    together = w.update(NETS, actor_state, critic_state, fresh(), chunk, table, key, updates=4, policy_frequency=3,
+                        phase=phase, **UPDATE)  # actor steps: phase 0 -> the 1st and 4th, phase 2 -> the 2nd
+    a, c, buffer, no_new = actor_state, critic_state, fresh(), jax.tree.map(lambda x: x[:0], chunk)
+    actor_loss = None
+    for i, k in enumerate(jax.random.split(key, 4)):
+        a, c, buffer, metrics = w.update(NETS, a, c, buffer, chunk if i == 0 else no_new, table, k, policy_frequency=3,
+                                         phase=(phase + i) % 3, **UPDATE)
+        actor_loss = metrics.get("losses/actor_loss", actor_loss)
+    assert int(together[0].step) == int(a.step) == {0: 2, 2: 1}[phase] and int(together[1].step) == int(c.step) == 4
+    for x, y in zip(jax.tree.leaves((together[0].params, together[0].target_params, together[1].params,
+                                     together[1].target_params, together[2].tree)),
+                    jax.tree.leaves((a.params, a.target_params, c.params, c.target_params, buffer.tree)), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(together[3]["losses/actor_loss"], actor_loss, rtol=1e-5)  # the last actor step's
+    np.testing.assert_allclose(together[3]["losses/qf_loss"], metrics["losses/qf_loss"], rtol=1e-5)
+
+
+def run_state(online, target, capacity=64):
+    actor_state, critic_state = (jax.tree.map(jnp.asarray, s) for s in ddpg_states(online, target))
+    example = jax.tree.map(lambda x: x[0], random_chunk(TABLE, 1, 0))
+    return dict(actor_state=actor_state, critic_state=critic_state, buffer=w.buffer_init(example, capacity),
+                key=jax.random.PRNGKey(0), counts=jnp.zeros(2, jnp.int32),
+                pending={name: np.zeros((4, *np.shape(v)), np.float32) for name, v in example.items()})
+
+
+def test_a_checkpointed_run_continues_exactly_as_one_that_never_stopped(tmp_path):
+    online, target = networks(1, 0), networks(1, 1)
+    steps, keys = [random_chunk(TABLE, 4, seed) for seed in range(6)], jax.random.split(jax.random.PRNGKey(1), 6)
+
+    def train(run, updates, first, last):  # one update per call, the actor every second one, as the loop counts
+        for chunk, key in zip(steps[first:last], keys[first:last]):
+            a, c, buffer, _ = w.update(NETS, run["actor_state"], run["critic_state"], run["buffer"], chunk,
+                                       jnp.asarray(TABLE), key, policy_frequency=2, phase=updates % 2, **UPDATE)
+            run, updates = dict(run, actor_state=a, critic_state=c, buffer=buffer), updates + 1
+        return run, updates
+
+    uninterrupted, _ = train(run_state(online, target), 0, 0, 6)
+    stopped, updates = train(run_state(online, target), 0, 0, 3)
+    stopped["pending"]["obs"][:2] = 1.5  # steps taken since the last update travel with the checkpoint too
+    stopped["counts"] = jnp.array([4, 9], jnp.int32)
+    path = w.save_arrays(str(tmp_path / "checkpoint" / "state.npz"), stopped, dict(global_step=12, updates=updates))
+    meta, arrays = w.load_arrays(path, "--resume")
+    assert meta == dict(global_step=12, updates=3, script="wolpertinger.py")
+    assert len(arrays["['buffer'].storage['obs']"]) == 12  # the filled rows of 64
+    resumed = w.restore(run_state(online, target), arrays, "--resume")
+    assert same(stopped, resumed)  # the resume point is the checkpoint
+    resumed, _ = train(resumed, meta["updates"], 3, 6)  # the 4th update is an off-step: the count decides
+    assert same(uninterrupted["actor_state"], resumed["actor_state"])
+    assert same(uninterrupted["critic_state"], resumed["critic_state"])
+    np.testing.assert_array_equal(uninterrupted["buffer"].tree, resumed["buffer"].tree)
+
+
+def test_damaged_missing_or_foreign_checkpoints_are_refused_with_one_line(tmp_path):
+    path = w.save_arrays(str(tmp_path / "state.npz"), run_state(networks(1, 0), networks(1, 1)), {})
+    (tmp_path / "cut.npz").write_bytes(open(path, "rb").read()[:1000])
+    with pytest.raises(SystemExit, match=r"^error: --resume: .* is damaged or was not saved by wolpertinger.py"):
+        w.load_arrays(str(tmp_path / "cut.npz"), "--resume")
+    with pytest.raises(SystemExit, match=r"^error: --resume: no such file: .*nowhere"):
+        w.load_arrays(str(tmp_path / "nowhere" / "state.npz"), "--resume")
+    _, arrays = w.load_arrays(path, "--resume")
+    wider = run_state(networks(1, 0), networks(1, 1))
+    wider["buffer"] = wider["buffer"]._replace(storage=dict(wider["buffer"].storage, obs=jnp.zeros((64, 7))))
+    with pytest.raises(SystemExit, match=r"^error: --resume: the saved \['buffer'\].storage\['obs'\] is "
+                                         r"float32\[0, 4\], this run's float32\[64, 7\]"):
+        w.restore(wider, arrays, "--resume")
+
+
 # --- argument checking: one clear line, exit code 1 ---------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [
@@ -198,7 +367,15 @@ def test_td_target_actor_step_and_soft_update_match_a_hand_computation(terminate
     (dict(knn="kdtree"), "--knn must be exact or approx, got 'kdtree'"),
     (dict(tau=1.5), "--tau must be in [0, 1], got 1.5"),
     (dict(policy_frequency=0), "--policy-frequency must be >= 1, got 0"),
-    (dict(load_model="/no/such/model.flax"), "--load-model: no such file: /no/such/model.flax"),
+    (dict(load_model="/no/such/model.npz"), "--load-model: no such file: /no/such/model.npz"),
+    (dict(exploration_noise=float("nan")), "--exploration-noise must be a finite number, got nan"),
+    (dict(gamma=float("inf")), "--gamma must be a finite number, got inf"),
+    (dict(learning_rate=0.0), "--learning-rate must be > 0, got 0.0"),
+    (dict(prioritized_replay=True, priority_epsilon=0.0), "--priority-epsilon must be > 0 with prioritised replay"),
+    (dict(num_envs=0), "--num-envs must be >= 1, got 0"),
+    (dict(checkpoint_frequency=-1), "--checkpoint-frequency must be >= 0, got -1"),
+    (dict(num_envs=4, train_frequency=3, buffer_size=11), "--buffer-size must hold the 12 transitions written per "
+                                                          "update (lcm of --num-envs and --train-frequency), got 11"),
 ])
 def test_bad_arguments_are_rejected_with_one_line(overrides, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -220,20 +397,51 @@ def test_bad_input_exits_with_one_line_from_the_command_line(tmp_path):
     assert not os.path.exists(tmp_path / "runs")  # nothing started
 
 
-# --- a whole run -------------------------------------------------------------------------------------------------
+class MultiAction(gym.Env):
+    """A task whose actions wolpertinger.py cannot index: a [2, 2] box, or several discrete choices."""
+
+    observation_space = gym.spaces.Box(-1, 1, (3,))
+
+    def __init__(self, action_space, render_mode=None):
+        self.action_space = action_space
+
+
+@pytest.mark.parametrize("space", [gym.spaces.Box(-1, 1, (2, 2)), gym.spaces.MultiDiscrete([3, 3])])
+def test_action_spaces_it_cannot_index_are_refused_with_one_line(space):
+    gym.register("WolpertingerTestMulti-v0", entry_point=MultiAction, kwargs=dict(action_space=space))
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            w.make_env("WolpertingerTestMulti-v0", 0)
+    finally:
+        del gym.registry["WolpertingerTestMulti-v0"]
+    assert str(exit_info.value) == (f"error: --env-id 'WolpertingerTestMulti-v0' has {space} actions; wolpertinger.py "
+                                    "needs a one-dimensional Box or a Discrete")
+
+
+# --- whole runs ---------------------------------------------------------------------------------------------------
 
 SMOKE = dict(total_timesteps=400, learning_starts=200, max_actions=1000, buffer_size=1000, batch_size=32,
              eval_frequency=300, log_frequency=100)
 
 
-def test_smoke_run_writes_metrics_and_a_model_that_loads_and_its_seed_reproduces_it(tmp_path, monkeypatch, capsys):
-    flags = [f"--{name.replace('_', '-')}={value}" for name, value in SMOKE.items()]
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("xla"))
+
+
+def read_metrics(run_dir):
+    return list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
+
+
+def test_smoke_run_writes_metrics_and_a_model_that_loads_and_its_seed_reproduces_it(tmp_path, monkeypatch, capsys,
+                                                                                  xla_cache):
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in dict(SMOKE, xla_cache=xla_cache).items()]
     result = run_script("wolpertinger.py", "--save-model", *flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "1000 actions in 1 embedding dims, k = 100 (exact k-NN)" in result.stdout
-    assert "step      400" in result.stdout
+    assert "1000 actions in 1 embedding dims, k = 100 (exact k-NN), 1 env(s)" in result.stdout
+    assert "step      400" in result.stdout and "compiling the update" in result.stdout
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "Pendulum-v1__wolpertinger__1__*"))
-    rows = list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
+    rows = read_metrics(run_dir)
     assert list(rows[0]) == ["global_step", "charts/episodic_return", "charts/episodic_length", "charts/SPS",
                              "charts/refine_changed", "losses/qf_loss", "losses/actor_loss", "losses/qf_values",
                              "eval/episodic_return"]
@@ -247,23 +455,186 @@ def test_smoke_run_writes_metrics_and_a_model_that_loads_and_its_seed_reproduces
                                                                     "losses/qf_values"))
     changed = [float(r["charts/refine_changed"]) for r in rows if r["charts/refine_changed"]]
     assert len(changed) == 2 and all(0.0 <= c <= 1.0 for c in changed)  # policy steps from step 201 on
+    evaluations = [float(r["eval/episodic_return"]) for r in rows if r["eval/episodic_return"]]
     assert [r["global_step"] for r in rows if r["eval/episodic_return"]] == ["300", "400"]  # and at the end
 
     # The same seed in this process writes the same numbers (all but the speed).
     (tmp_path / "again").mkdir()
     monkeypatch.chdir(tmp_path / "again")
-    w.main(w.Args(exp_name="again", **SMOKE))
+    w.main(w.Args(exp_name="again", xla_cache="", **SMOKE))
     (again,) = glob.glob(str(tmp_path / "again" / "runs" / "Pendulum-v1__again__1__*"))
     without_speed = lambda rows: [{k: v for k, v in r.items() if k != "charts/SPS"} for r in rows]  # noqa: E731
-    assert without_speed(csv.DictReader(open(os.path.join(again, "metrics.csv")))) == without_speed(rows)
+    assert without_speed(read_metrics(again)) == without_speed(rows)
 
-    model_path = os.path.join(run_dir, "wolpertinger.flax")
-    key = jax.random.PRNGKey(0)  # Pendulum: 3-dim observations, 1-dim embeddings
-    template = dict(actor=w.Actor(1).init(key, jnp.zeros((1, 3))),
-                    critic=w.Critic().init(key, jnp.zeros((1, 3)), jnp.zeros((1, 1, 1))))
-    loaded = flax.serialization.from_bytes(template, open(model_path, "rb").read())
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(template)))
+    model_path = os.path.join(run_dir, "wolpertinger.npz")
+    meta, arrays = w.load_arrays(model_path, "--load-model")
+    assert meta["script"] == "wolpertinger.py" and meta["args"]["max_actions"] == 1000 and meta["global_step"] == 400
+    assert sorted({name.split("']")[0] for name in arrays}) == ["['actor", "['critic"]
     capsys.readouterr()
-    w.main(w.Args(max_actions=1000, load_model=model_path))  # what --load-model does
-    assert f"{model_path}: greedy return over 1 episode(s)" in capsys.readouterr().out
+    w.main(w.Args(load_model=model_path, xla_cache=""))  # its task, grid and k, and the run's eval seeds
+    # the saved model scores what the run logged at its end
+    assert f"{model_path}  greedy evaluation return {evaluations[-1]:.1f} over 1 episode(s)" in capsys.readouterr().out
     assert len(glob.glob(str(tmp_path / "again" / "runs" / "*"))) == 1  # evaluating started no run
+    for flags, message in [(["--max-actions", "500"], "--max-actions 500 differs from the saved run's 1000"),
+                           (["--k", "7"], "--k 7 differs from the saved run's None"),
+                           (["--env-id", "CartPole-v1"], "--env-id 'CartPole-v1' differs from the saved run's "
+                                                         "'Pendulum-v1'")]:
+        wrong = run_script("wolpertinger.py", *flags, "--load-model", model_path, cwd=tmp_path)
+        assert wrong.returncode == 1 and wrong.stderr.strip() == f"error: --load-model: {message}"
+
+
+FAST = dict(env_id="Pendulum-v1", max_actions=200, learning_starts=100, buffer_size=2000, batch_size=16,
+            eval_frequency=0, log_frequency=100)
+
+
+def train_in_process(directory, monkeypatch, **overrides):
+    """Run main() here (a warm jit cache makes repeated runs cheap), with the persistent XLA cache off: it stays
+    configured for the whole process once a run turns it on. Return the run directory and checkpoint."""
+    monkeypatch.chdir(directory)
+    args = w.Args(**dict(FAST, xla_cache="", **overrides))
+    w.main(args)
+    run_dir = args.resume or max(glob.glob(f"runs/*__{args.exp_name}__*"), key=os.path.getmtime)
+    return run_dir, w.load_arrays(w.checkpoint_file(run_dir), "--resume")
+
+
+def saved(arrays, prefix):
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def host_draws(num_actions, num_envs, steps, seed=1):
+    """The uniformly random action indices of the first `steps` vector steps: N draws of the seed's RNG each."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.integers(num_actions, size=num_envs) for _ in range(steps)])
+
+
+@pytest.mark.parametrize("num_envs", [1, 4, 16])
+def test_vector_env_transitions_equal_single_envs_and_updates_keep_their_ratio(tmp_path, monkeypatch,
+                                                                               num_envs):
+    _, (meta, arrays) = train_in_process(tmp_path, monkeypatch, total_timesteps=900, num_envs=num_envs,
+                                         train_frequency=3, checkpoint_frequency=10_000, exp_name=f"vector{num_envs}")
+    final, rows = meta["global_step"], np.lcm(num_envs, 3)  # rows: transitions per update call
+    stored, pending = saved(arrays, "['buffer'].storage"), saved(arrays, "['pending']")
+    assert final == -(-900 // num_envs) * num_envs and len(stored["['obs']"]) == final // rows * rows
+    buffer = {k: np.concatenate([v, pending[k][: final % rows]]) for k, v in stored.items()}  # not yet sent
+    ends = 0
+    for i in range(num_envs):  # env i's transitions sit at rows i, i + N, ...; replay its actions alone
+        env = w.make_env("Pendulum-v1", 1 + i)
+        obs, _ = env.reset(seed=1 + i)
+        for row in range(i, final, num_envs):
+            np.testing.assert_array_equal(buffer["['obs']"][row], obs)
+            obs, reward, terminated, truncated, _ = env.step(buffer["['action']"][row])
+            np.testing.assert_allclose(buffer["['reward']"][row], reward, rtol=1e-6)
+            np.testing.assert_array_equal(buffer["['next_obs']"][row], obs)  # the episode's own, not the reset's
+            assert buffer["['terminated']"][row] == terminated == 0.0  # a time limit is not a termination
+            if terminated or truncated:
+                obs, _ = env.reset()
+                ends += 1
+    assert ends == (final // num_envs) // 200 * num_envs  # every 200 steps of each env
+    # Before learning starts the actions are the host RNG's, N draws per vector step.
+    random_steps = -(-100 // num_envs)
+    table = w.action_table(w.make_env("Pendulum-v1", 0).action_space, 200)
+    np.testing.assert_array_equal(buffer["['action']"][: random_steps * num_envs],
+                                  table[host_draws(200, num_envs, random_steps)])
+    # One split of the loop key per vector step, random steps included (they catch up when learning starts).
+    key = jax.random.split(jax.random.PRNGKey(1), 3)[0]  # main's split of the seed's key
+    for _ in range(final // num_envs):
+        key = jax.random.split(key, 3)[0]
+    np.testing.assert_array_equal(arrays["['key']"], key)
+    # one update per 3 environment steps, from the first update call at or after step 100; the actor every second
+    first, last = -(-100 // rows) * rows, final // rows * rows
+    updates = (last - first) // 3 + rows // 3
+    assert meta["updates"] == int(arrays["['critic_state'].step"]) == updates
+    assert int(arrays["['actor_state'].step"]) == -(-updates // 2)
+    assert abs(updates - (final - 100) / 3) <= rows / 3
+
+
+def test_a_termination_is_stored_as_terminal_and_random_steps_make_no_device_call(tmp_path, monkeypatch):
+    # CartPole-v1 terminates when the pole falls, which uniformly random pushes soon let it do.
+    monkeypatch.setattr(w, "act", None)  # before learning starts nothing may act on the device
+    monkeypatch.setattr(w, "advance_key", None)
+    _, (meta, arrays) = train_in_process(tmp_path, monkeypatch, env_id="CartPole-v1", num_envs=2,
+                                         total_timesteps=300, learning_starts=1000, checkpoint_frequency=300,
+                                         exp_name="falls")
+    buffer = saved(arrays, "['buffer'].storage")
+    indices = host_draws(2, 2, 150)
+    np.testing.assert_array_equal(buffer["['action']"][:, 0], np.where(indices == 1, 1.0, -1.0))  # the embeddings
+    falls = 0
+    for i in range(2):
+        env = w.make_env("CartPole-v1", 1 + i)
+        obs, _ = env.reset(seed=1 + i)
+        for row in range(i, 300, 2):
+            np.testing.assert_array_equal(buffer["['obs']"][row], obs)
+            obs, reward, terminated, truncated, _ = env.step(indices[row])
+            np.testing.assert_array_equal(buffer["['next_obs']"][row], obs)
+            assert buffer["['terminated']"][row] == terminated
+            if terminated or truncated:
+                obs, _ = env.reset()
+                falls += terminated
+    assert falls >= 5 and meta["episodes"] == falls
+
+
+def test_resume_continues_the_metrics_the_update_count_the_host_rng_and_the_epsilon_schedule(tmp_path, monkeypatch):
+    # Learning starts at 200: the first run stops at 150, among the random steps; the second at 250, after 51
+    # updates (an odd count, so that restarting the count would move the actor steps); the third ends at 401.
+    settings = dict(learning_starts=200, checkpoint_frequency=1000, log_frequency=50, epsilon=0.5, end_epsilon=0.1,
+                    exploration_fraction=1.0, exp_name="resumed")
+    run_dir, (meta, _) = train_in_process(tmp_path, monkeypatch, total_timesteps=150, **settings)
+    assert meta["global_step"] == 150 and meta["updates"] == 0
+    _, (meta, _) = train_in_process(tmp_path, monkeypatch, total_timesteps=250, resume=run_dir,
+                                  **settings)
+    assert meta["global_step"] == 250 and meta["updates"] == 51
+    epsilons, schedule = [], w.exploration_epsilon
+
+    def recorded(args, step):  # the loop's own schedule, watched
+        epsilons.append((step, schedule(args, step)))
+        return epsilons[-1][1]
+
+    monkeypatch.setattr(w, "exploration_epsilon", recorded)
+    _, (meta, arrays) = train_in_process(tmp_path, monkeypatch, total_timesteps=401, resume=run_dir,
+                                         **settings)
+    assert meta["global_step"] == 401 and meta["updates"] == int(arrays["['critic_state'].step"]) == 202
+    assert int(arrays["['actor_state'].step"]) == 101  # every second update, counted over the three runs
+    assert [step for step, _ in epsilons] == list(range(251, 402))  # one per step, continuing the step count
+    np.testing.assert_allclose([e for _, e in epsilons], [0.5 - 0.4 * s / 401 for s in range(251, 402)])
+    actions = saved(arrays, "['buffer'].storage")["['action']"]
+    table = w.action_table(w.make_env("Pendulum-v1", 0).action_space, 200)
+    np.testing.assert_array_equal(actions[:200], table[host_draws(200, 1, 200)])  # one RNG across the resume
+    steps = [int(r["global_step"]) for r in read_metrics(run_dir) if r["charts/SPS"]]
+    assert steps == list(range(50, 401, 50))  # metrics.csv continued where each checkpoint was taken
+    changed = [float(r["charts/refine_changed"]) for r in read_metrics(run_dir) if r["charts/refine_changed"]]
+    assert len(changed) == 4 and all(0.0 <= c <= 1.0 for c in changed)  # greedy steps from 201 on
+
+
+def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path, xla_cache):
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in dict(
+        FAST, total_timesteps=1_000_000, checkpoint_frequency=5000, xla_cache=xla_cache).items()]
+    process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(w.__file__), "wolpertinger.py"), *flags],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # wait until it trains, past compiling
+        if line.startswith("step      300"):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert "interrupted at step" in stdout and f"--resume runs/{os.path.basename(run_dir)}" in stdout
+    meta, _ = w.load_arrays(w.checkpoint_file(run_dir), "--resume")
+    assert 300 <= meta["global_step"] < 1_000_000 and meta["updates"] == meta["global_step"] - 100 + 1
+    model = w.load_arrays(os.path.join(run_dir, "wolpertinger.npz"), "--load-model")[0]
+    assert model["global_step"] == meta["global_step"]
+    wrong = run_script("wolpertinger.py", "--resume", os.path.relpath(run_dir, tmp_path), "--seed", "2", cwd=tmp_path)
+    assert wrong.returncode == 1 and wrong.stderr.strip() == "error: --resume: --seed 2 differs from the saved run's 1"
+
+
+def test_videos_play_at_the_tasks_own_speed(tmp_path):
+    # Gymnasium's classic control declares 30 frames per second; one frame per step after the reset frame.
+    import imageio
+
+    env = w.record_video(w.make_env("Pendulum-v1", 0, render=True), str(tmp_path))
+    env.reset(seed=0)
+    for _ in range(20):
+        env.step(env.action_space.sample())
+    env.close()  # an unfinished episode's video is written on close
+    (video,) = glob.glob(str(tmp_path / "*.mp4"))
+    reader = imageio.get_reader(video)
+    assert reader.get_meta_data()["fps"] == 30 and reader.count_frames() == 21
