@@ -120,11 +120,17 @@ def training_sps(agent, env_id: str, timesteps: int, num_envs: int = 1) -> tuple
         finally:
             os.chdir(cwd)
     column = rows[0].index("charts/SPS")
-    sps = {int(r[0]): float(r[column]) for r in rows[1:] if r[column]}
-    steps = sorted(sps)
-    elapsed = {s: s / sps[s] for s in steps}  # cumulative SPS = step / seconds since the loop started
-    first = next(s for s in steps if s > agent.Args.learning_starts + 500)  # past the update's compilation
-    return sps[steps[-1]], (steps[-1] - first) / (elapsed[steps[-1]] - elapsed[first])
+    logged = [(int(r[0]), float(r[column])) for r in rows[1:] if r[column]]
+    # Each log line's SPS is the rate since the previous line (the first: since the loop started, the greedy
+    # action's compilation in it), so the seconds each interval took are its steps over its rate.
+    steps, seconds, previous = [], [], 0
+    for step, sps in logged:
+        steps.append(step)
+        seconds.append((step - previous) / sps)
+        previous = step
+    elapsed = np.cumsum(seconds)
+    first = next(i for i, s in enumerate(steps) if s > agent.Args.learning_starts + 500)  # past the update's compile
+    return steps[-1] / elapsed[-1], (steps[-1] - steps[first]) / (elapsed[-1] - elapsed[first])
 
 
 def physics_ms(env_id: str, num_envs: int, vector_steps: int = 200) -> float:

@@ -1,5 +1,7 @@
 import gc
+import glob
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,6 +19,35 @@ def run_script(script, *flags, cwd=None, env=None, timeout=600):
     """Run one of the project's scripts as a user would, capturing what it prints."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def interrupt(script, flags, cwd, env=None, after="step      300"):
+    """Start a script as a user would, press Ctrl-C (SIGINT) once it prints a line starting with `after` (it is
+    training, past compiling), and return the finished process's (return code, stdout, stderr)."""
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith(after):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, stdout, stderr
+
+
+def run_in_process(agent, directory, monkeypatch, **settings):
+    """Run an agent's main() here (a warm jit cache makes repeated runs cheap), with the persistent XLA cache
+    off: it stays configured for the whole process once a run turns it on. Return the run directory and its
+    checkpoint (meta, arrays)."""
+    monkeypatch.chdir(directory)
+    args = agent.Args(**dict(settings, xla_cache=""))
+    agent.main(args)
+    run_dir = args.resume or max(glob.glob(f"runs/*__{args.exp_name}__*"), key=os.path.getmtime)
+    return run_dir, agent.load_arrays(agent.checkpoint_file(run_dir), "--resume")
+
+
+def saved(arrays, prefix):
+    """The arrays of a saved pytree under one path prefix, keyed by the rest of their path."""
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
 @jax.jit

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import aql_discrete as aql
-from conftest import q_reference, run_script
+from conftest import interrupt, q_reference, run_script, run_in_process, saved
 
 OBS_DIM, DIM, BINS = 5, 2, 3
 ALL_ACTIONS = np.array(list(itertools.product(range(BINS), repeat=DIM)), np.int32)  # the whole 9-action space
@@ -444,18 +444,7 @@ FAST = dict(env_id="Pendulum-v1", learning_starts=100, buffer_size=2000, batch_s
 
 
 def train_in_process(directory, monkeypatch, **overrides):
-    """Run main() here (a warm jit cache makes repeated runs cheap), with the persistent XLA cache off: it stays
-    configured for the whole process once a run turns it on. Return the run directory and checkpoint."""
-    monkeypatch.chdir(directory)
-    args = aql.Args(**dict(FAST, xla_cache="", **overrides))
-    aql.main(args)
-    run_dir = args.resume or max(glob.glob(f"runs/*__{args.exp_name}__*"), key=os.path.getmtime)
-    return run_dir, aql.load_arrays(aql.checkpoint_file(run_dir), "--resume")
-
-
-def saved(arrays, prefix):
-    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-
+    return run_in_process(aql, directory, monkeypatch, **dict(FAST, **overrides))
 
 
 def test_time_limits_target_copies_and_resume_on_pendulum(tmp_path, monkeypatch):
@@ -608,23 +597,12 @@ def test_damaged_missing_or_foreign_checkpoints_are_refused_with_one_line(model_
 
 
 def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path):
-    import signal
-    import subprocess
-    import sys
-
     flags = ["--env-id", "CartPole-v1", "--total-timesteps", "1000000", "--learning-starts", "100",
              "--n-proposal", "2", "--m-uniform", "4", "--batch-size", "32", "--buffer-size", "1000",
              "--eval-frequency", "0", "--log-frequency", "100", "--checkpoint-frequency", "5000",
              "--xla-cache", str(tmp_path / "xla")]
-    process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(aql.__file__), "aql_discrete.py"),
-                                *flags], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=cached_env(tmp_path))
-    for line in process.stdout:  # wait until it trains, past compiling
-        if line.startswith("step      300"):
-            break
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    returncode, stdout, stderr = interrupt("aql_discrete.py", flags, tmp_path, env=cached_env(tmp_path))
+    assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert "interrupted at step" in stdout and f"--resume runs/{os.path.basename(run_dir)}" in stdout
     meta, _ = aql.load_arrays(aql.checkpoint_file(run_dir), "--resume")

@@ -132,16 +132,17 @@ def test_speed_benchmark_tasks_exist_with_their_action_sizes(env_id):
 import speed  # noqa: E402
 
 
-def test_training_sps_reads_the_steady_rate_from_the_cumulative_log(monkeypatch):
+def test_training_sps_reads_the_steady_rate_from_the_log(monkeypatch):
     # A loop that acts at 400 steps per second until step 1000, spends 10 s compiling the update, then runs
-    # at exactly 200 steps per second.
+    # at exactly 200 steps per second; each log line holds the rate since the one before, as main() logs it.
     def fake_main(args):
         os.makedirs("runs/x")
+        seconds = lambda step: step / 400 if step <= 1000 else 2.5 + 10 + (step - 1000) / 200  # noqa: E731
         with open("runs/x/metrics.csv", "w") as f:
-            f.write("global_step,charts/SPS\n")
+            f.write("global_step,charts/episodic_return,charts/SPS\n")
             for step in range(500, args.total_timesteps + 1, 500):
-                seconds = step / 400 if step <= 1000 else 2.5 + 10 + (step - 1000) / 200
-                f.write(f"{step},{step / seconds}\n")
+                f.write(f"{step},,{500 / (seconds(step) - seconds(step - 500))}\n")
+                f.write(f"{step},12.5,\n")  # an episode's row: no SPS
 
     monkeypatch.setattr(q, "main", fake_main)
     cumulative, steady = speed.training_sps(q, "walker-walk", 4000, 1)

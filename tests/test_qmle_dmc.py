@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import qmle_dmc as q
-from conftest import q_reference, run_script
+from conftest import interrupt, q_reference, run_script, run_in_process, saved
 
 OBS_DIM, ACTION_DIM = 5, 2
 
@@ -55,8 +55,8 @@ def test_chunked_candidate_evaluation_equals_one_pass(model_and_params):
     embedding = jax.random.normal(jax.random.PRNGKey(3), (96, 128))
     candidates = jax.random.uniform(jax.random.PRNGKey(4), (96, 13, ACTION_DIM), minval=-1, maxval=1)
     one_pass = model.apply(params, embedding, candidates, method=q.QMLENetwork.q_values)
-    for chunk in (32, 7, 96):  # 7 does not divide 96: falls back to a divisor
-        chunked = q.q_over_candidates(model, params, embedding, candidates, states_per_chunk=chunk)
+    for rows in (32 * 13, 7 * 13, 96 * 13, 5):  # 7 states do not divide 96: a divisor; 5 rows: one state a chunk
+        chunked = q.q_over_candidates(model, params, embedding, candidates, rows_per_chunk=rows)
         np.testing.assert_allclose(chunked, one_pass, rtol=1e-5, atol=1e-5)
 
 
@@ -445,18 +445,7 @@ FAST = dict(env_id="Pendulum-v1", learning_starts=100, buffer_size=2000, batch_s
 
 
 def train_in_process(directory, monkeypatch, **overrides):
-    """Run main() here (a warm jit cache makes repeated runs cheap), with the persistent XLA cache off: it stays
-    configured for the whole process once a run turns it on. Return the run directory and checkpoint."""
-    monkeypatch.chdir(directory)
-    args = q.Args(**dict(FAST, xla_cache="", **overrides))
-    q.main(args)
-    run_dir = args.resume or max(glob.glob(f"runs/*__{args.exp_name}__*"), key=os.path.getmtime)
-    return run_dir, q.load_arrays(q.checkpoint_file(run_dir), "--resume")
-
-
-def saved(arrays, prefix):
-    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-
+    return run_in_process(q, directory, monkeypatch, **dict(FAST, **overrides))
 
 
 def test_transitions_periods_curriculum_and_resume_on_a_time_limited_task(tmp_path, monkeypatch):
@@ -595,19 +584,9 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
 
 
 def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path):
-    import signal
-    import subprocess
-    import sys
-
     flags = smoke_flags("Pendulum-v1", total_timesteps=1_000_000, checkpoint_frequency=5000, eval_frequency=0)
-    process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(q.__file__), "qmle_dmc.py"), *flags],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:  # wait until it trains, past compiling
-        if line.startswith("step      300"):
-            break
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    returncode, stdout, stderr = interrupt("qmle_dmc.py", flags, tmp_path)
+    assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert "interrupted at step" in stdout and f"--resume runs/{os.path.basename(run_dir)}" in stdout
     meta, _ = q.load_arrays(q.checkpoint_file(run_dir), "--resume")

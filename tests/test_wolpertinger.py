@@ -7,9 +7,6 @@ import functools
 import glob
 import itertools
 import os
-import signal
-import subprocess
-import sys
 
 import gymnasium as gym
 import jax
@@ -19,7 +16,7 @@ import optax
 import pytest
 
 import wolpertinger as w
-from conftest import run_script
+from conftest import interrupt, run_script, run_in_process, saved
 
 OBS_DIM = 4
 
@@ -488,17 +485,7 @@ FAST = dict(env_id="Pendulum-v1", max_actions=200, learning_starts=100, buffer_s
 
 
 def train_in_process(directory, monkeypatch, **overrides):
-    """Run main() here (a warm jit cache makes repeated runs cheap), with the persistent XLA cache off: it stays
-    configured for the whole process once a run turns it on. Return the run directory and checkpoint."""
-    monkeypatch.chdir(directory)
-    args = w.Args(**dict(FAST, xla_cache="", **overrides))
-    w.main(args)
-    run_dir = args.resume or max(glob.glob(f"runs/*__{args.exp_name}__*"), key=os.path.getmtime)
-    return run_dir, w.load_arrays(w.checkpoint_file(run_dir), "--resume")
-
-
-def saved(arrays, prefix):
-    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    return run_in_process(w, directory, monkeypatch, **dict(FAST, **overrides))
 
 
 def host_draws(num_actions, num_envs, steps, seed=1):
@@ -608,14 +595,8 @@ def test_resume_continues_the_metrics_the_update_count_the_host_rng_and_the_epsi
 def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path, xla_cache):
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in dict(
         FAST, total_timesteps=1_000_000, checkpoint_frequency=5000, xla_cache=xla_cache).items()]
-    process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(w.__file__), "wolpertinger.py"), *flags],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:  # wait until it trains, past compiling
-        if line.startswith("step      300"):
-            break
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    returncode, stdout, stderr = interrupt("wolpertinger.py", flags, tmp_path)
+    assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert "interrupted at step" in stdout and f"--resume runs/{os.path.basename(run_dir)}" in stdout
     meta, _ = w.load_arrays(w.checkpoint_file(run_dir), "--resume")
