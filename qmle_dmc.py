@@ -624,9 +624,11 @@ def evaluate(model, params, env_id: str, seed: int, episodes: int, budget: Budge
 
 
 def record_video(env: gym.Env, video_dir: str) -> gym.Env:
-    """Every episode to video_dir, played at the task's real speed (DeepMind Control: one frame per control step)."""
+    """Every episode to video_dir, played at the task's real speed: one frame per step of the task's clock."""
     if hasattr(env.unwrapped, "_env"):  # Shimmy's DeepMind Control env declares no frame rate of its own
         env.metadata["render_fps"] = round(1.0 / env.unwrapped._env.control_timestep())
+    elif isinstance(getattr(env.unwrapped, "dt", None), float):  # MuJoCo and some classic control (Pendulum: 0.05 s)
+        env.metadata["render_fps"] = round(1.0 / env.unwrapped.dt)  # their own render_fps is a display rate
     return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
 
 
@@ -744,8 +746,14 @@ def stop_on_signals() -> list:
     return stop
 
 
+def restore_signals() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, for a caller that goes on
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(args: Args) -> None:
     started = time.time()
+    stop = stop_on_signals()  # from the first moment: a Ctrl-C during start-up stops the run before its loop
     check_args(args)
     meta = saved = None
     if args.resume or args.load_model:  # a checkpoint, or a model: both carry the settings they were made with
@@ -777,6 +785,7 @@ def main(args: Args) -> None:
         return float(np.mean(returns))
 
     if args.load_model is not None:  # the run's own evaluation seeds and budget, unless given here
+        restore_signals()  # an evaluation has nothing to save: Ctrl-C stops it at once
         evaluation(restore(params, saved, "--load-model"), args.load_model)
         return
 
@@ -825,7 +834,7 @@ def main(args: Args) -> None:
                                 wandb_id=wandb_run and wandb_run.id))
 
     obs, _ = envs.reset(seed=args.seed)
-    stop, outcome, train_metrics, new_returns = stop_on_signals(), "finished", {}, []
+    outcome, train_metrics, new_returns = "finished", {}, []
     first_step, last_log = global_step, (time.time(), global_step)
     print(f"compiling the greedy action (XLA; cache: {args.xla_cache or 'off'}) ...", flush=True)
     try:
@@ -913,8 +922,7 @@ def main(args: Args) -> None:
         f", saved {path}" for path in saved_to), flush=True)
     if args.checkpoint_frequency and outcome != "finished":
         print(f"continue with: python {SCRIPT} --resume {run_dir}", flush=True)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, for a caller that goes on
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    restore_signals()
     if outcome != "finished":
         sys.exit(1 if outcome == "crashed" else 128 + stop[0])
 

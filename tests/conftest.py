@@ -83,3 +83,12 @@ def compiled_code_is_freed_after_each_module():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def default_signal_handlers_after_each_test():
+    """An agent's main() takes over SIGINT and SIGTERM from its first line; one that stops at an input error
+    leaves them so. Give pytest its Ctrl-C back."""
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -596,6 +596,14 @@ def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path
     assert wrong.returncode == 1 and wrong.stderr.strip() == "error: --resume: --seed 2 differs from the saved run's 1"
 
 
+def test_sigint_during_start_up_stops_before_training_without_a_traceback(tmp_path):
+    flags = smoke_flags("Pendulum-v1", total_timesteps=1_000_000, eval_frequency=0)
+    # The header is printed after the first compilation and before the greedy action's: start-up is still going.
+    returncode, stdout, stderr = interrupt("qmle_dmc.py", flags, tmp_path, after="Pendulum-v1__")
+    assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert "interrupted at step 0" in stdout, stdout[-2000:]
+
+
 def test_seeds_reproduce_and_a_second_run_compiles_nothing_new(tmp_path):
     cache = tmp_path / "xla"  # the persistent compilation cache of both runs
     flags = smoke_flags("Pendulum-v1", total_timesteps=400, eval_frequency=0, xla_cache=cache)  # two episodes
@@ -666,7 +674,7 @@ def test_evaluation_records_a_video_offscreen(tmp_path):
     assert frame.ndim == 3 and frame.shape[-1] == 3 and frame.std() > 1  # a rendered image, not a blank
 
 
-@pytest.mark.parametrize("env_id, fps", [("cartpole-swingup", 100), ("Pendulum-v1", 30)])
+@pytest.mark.parametrize("env_id, fps", [("cartpole-swingup", 100), ("Pendulum-v1", 20)])  # Pendulum steps 0.05 s
 def test_videos_play_at_the_tasks_own_speed(tmp_path, env_id, fps):
     # DeepMind Control: one frame per 0.01 s control step of cartpole; Gymnasium's classic control: its declared 30.
     env = q.record_video(q.make_env(env_id, 0, render=True), str(tmp_path))

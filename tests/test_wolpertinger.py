@@ -618,4 +618,4 @@ def test_videos_play_at_the_tasks_own_speed(tmp_path):
     env.close()  # an unfinished episode's video is written on close
     (video,) = glob.glob(str(tmp_path / "*.mp4"))
     reader = imageio.get_reader(video)
-    assert reader.get_meta_data()["fps"] == 30 and reader.count_frames() == 21
+    assert reader.get_meta_data()["fps"] == 20 and reader.count_frames() == 21
