@@ -26,7 +26,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, get_args, get_type_hints
 
 import flax.linen as nn
 import gymnasium as gym
@@ -149,8 +149,8 @@ def check_args(args: Args) -> None:
         fail(f"--buffer-size must hold the {math.lcm(args.num_envs, args.train_frequency)} transitions written per "
              f"update (lcm of --num-envs and --train-frequency), got {args.buffer_size}")
     if args.gamma == 1.0:
-        print("warning: --gamma 1 on a task without terminal states (all of DeepMind Control) lets Q grow without "
-              "bound", file=sys.stderr)
+        print(f"warning: --gamma 1 does not discount: on {args.env_id}, Q grows without bound unless every episode "
+              "ends in a terminal state (a time limit is not one)", file=sys.stderr)
     if args.load_model is not None and not os.path.isfile(args.load_model):
         fail(f"--load-model: no such file: {args.load_model}")
 
@@ -914,5 +914,26 @@ def main(args: Args) -> None:
         sys.exit(1 if outcome == "crashed" else 128 + stop[0])
 
 
+def check_whole_numbers(cls, argv: list) -> None:
+    """Refuse a whole-number flag given `nan`, `inf` or `1.5` with one line and status 1, as every other bad input
+    is refused (tyro would answer with a boxed message and status 2). Values follow their flag, up to the next flag
+    (`--seeds 1 2`), or its `=` (`--seed=1`); `None` is a value of Optional[int] flags."""
+    whole = {"--" + name.replace("_", "-"): type(None) in get_args(hint) for name, hint in get_type_hints(cls).items()
+             if int in (hint, *get_args(hint))}  # flag -> whether None is allowed
+    name = None
+    for arg in argv:
+        if arg.startswith("--") or arg == "-h":
+            name, _, value = arg.partition("=")
+            name = name.replace("_", "-")
+        else:
+            value = arg
+        if name in whole and value and not (whole[name] and value == "None"):
+            try:
+                int(value)
+            except ValueError:
+                raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
+
+
 if __name__ == "__main__":
+    check_whole_numbers(Args, sys.argv[1:])
     main(tyro.cli(Args))

@@ -12,9 +12,11 @@ Sections 3.2 and 5.1, Figures 1 and 2.  Reproduce: python bandit_illustration.py
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import get_args, get_type_hints
 
 import flax.linen as nn
 import jax
@@ -85,6 +87,9 @@ def check_args(args: Args) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.buffer_size < args.pulls_per_step:  # a step's pulls would overwrite each other
+        raise SystemExit(f"error: --buffer-size must hold the {args.pulls_per_step} pulls written per step "
+                         f"(--pulls-per-step), got {args.buffer_size}")
     if not 0 <= args.learning_starts < args.num_steps:
         raise SystemExit(f"error: --learning-starts must be in [0, --num-steps), got {args.learning_starts}")
     if not 0.0 <= args.epsilon <= 1.0:
@@ -383,5 +388,26 @@ def main(args: Args):
           f"in {time.time() - start:.1f} s")
 
 
+def check_whole_numbers(cls, argv: list) -> None:
+    """Refuse a whole-number flag given `nan`, `inf` or `1.5` with one line and status 1, as every other bad input
+    is refused (tyro would answer with a boxed message and status 2). Values follow their flag, up to the next flag
+    (`--seeds 1 2`), or its `=` (`--seed=1`); `None` is a value of Optional[int] flags."""
+    whole = {"--" + name.replace("_", "-"): type(None) in get_args(hint) for name, hint in get_type_hints(cls).items()
+             if int in (hint, *get_args(hint))}  # flag -> whether None is allowed
+    name = None
+    for arg in argv:
+        if arg.startswith("--") or arg == "-h":
+            name, _, value = arg.partition("=")
+            name = name.replace("_", "-")
+        else:
+            value = arg
+        if name in whole and value and not (whole[name] and value == "None"):
+            try:
+                int(value)
+            except ValueError:
+                raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
+
+
 if __name__ == "__main__":
+    check_whole_numbers(Args, sys.argv[1:])
     main(tyro.cli(Args))

@@ -12,8 +12,10 @@ Appendix E.2, Figure 11.  Reproduce: python climbing_game.py  (writes to runs/cl
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
+from typing import get_args, get_type_hints
 
 import flax.linen as nn
 import jax
@@ -79,6 +81,9 @@ def check_args(args: Args) -> None:
                  "m_uniform", "m_local", "argmax_batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.buffer_size < args.plays_per_step:  # a step's plays would overwrite each other
+        raise SystemExit(f"error: --buffer-size must hold the {args.plays_per_step} plays written per step "
+                         f"(--plays-per-step), got {args.buffer_size}")
     if not 0 <= args.learning_starts < args.num_steps:
         raise SystemExit(f"error: --learning-starts must be in [0, --num-steps), got {args.learning_starts}")
     if not 0.0 <= args.epsilon <= 1.0:
@@ -246,13 +251,14 @@ def plot_curves(curves, learning_starts, path):
     fig, (table, ax) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw=dict(width_ratios=[1, 2.4]))
     table.imshow(np.asarray(PAYOFF), cmap="RdBu", vmin=-30, vmax=30)  # the game itself, as the paper shows it
     for (i, j), value in np.ndenumerate(np.asarray(PAYOFF)):
-        table.text(j, i, f"{value:g}", ha="center", va="center", fontsize=13, weight="bold" if value == 11 else None)
+        table.text(j, i, f"{value:g}", ha="center", va="center", fontsize=13, weight="bold" if value == 11 else None,
+                   color="white" if value < 0 else "black")  # legible on the dark cells
     thirds = ["[-1, -1/3)", "[-1/3, 1/3)", "[1/3, 1]"]
     table.set(xticks=range(3), yticks=range(3), xticklabels=thirds, yticklabels=thirds, title="payoff",
               xlabel="agent 2's action", ylabel="agent 1's action")
     table.tick_params(labelsize=7)
-    for method, colour, label in (("vdn", "tab:blue", "VDN (Q = U1 + U2)"),
-                                  ("qmle", "tab:red", "QMLE (joint Q, decentralised arg-max predictors)")):
+    for method, colour, label in (("vdn", "tab:gray", "VDN (Q = U1 + U2)"),  # QMLE is blue in every figure
+                                  ("qmle", "tab:blue", "QMLE (joint Q, decentralised arg-max predictors)")):
         c = curves[method]
         ax.plot(c.T, color=colour, alpha=0.25, lw=0.8)
         ax.plot(c.mean(0), color=colour, lw=2.2, label=f"{label}, mean of {len(c)} seeds")
@@ -281,5 +287,26 @@ def main(args: Args):
     print(f"wrote {args.output_dir}/climbing_game.png, climbing_results.json in {time.time() - start:.1f} s")
 
 
+def check_whole_numbers(cls, argv: list) -> None:
+    """Refuse a whole-number flag given `nan`, `inf` or `1.5` with one line and status 1, as every other bad input
+    is refused (tyro would answer with a boxed message and status 2). Values follow their flag, up to the next flag
+    (`--seeds 1 2`), or its `=` (`--seed=1`); `None` is a value of Optional[int] flags."""
+    whole = {"--" + name.replace("_", "-"): type(None) in get_args(hint) for name, hint in get_type_hints(cls).items()
+             if int in (hint, *get_args(hint))}  # flag -> whether None is allowed
+    name = None
+    for arg in argv:
+        if arg.startswith("--") or arg == "-h":
+            name, _, value = arg.partition("=")
+            name = name.replace("_", "-")
+        else:
+            value = arg
+        if name in whole and value and not (whole[name] and value == "None"):
+            try:
+                int(value)
+            except ValueError:
+                raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
+
+
 if __name__ == "__main__":
+    check_whole_numbers(Args, sys.argv[1:])
     main(tyro.cli(Args))

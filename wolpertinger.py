@@ -38,7 +38,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, get_args, get_type_hints
 
 import flax.linen as nn
 import gymnasium as gym
@@ -117,7 +117,9 @@ class Args:
 
     max_actions: int = 200_000
     """size of the grid a Box action space is discretised into: round(max_actions ** (1/D)) bins per dimension
-    (at least 2), so bins ** D actions; ignored for Discrete action spaces"""
+    (at least 2), so bins ** D actions; a grid over 1 GiB is refused at start-up with the largest that fits (and
+    tasks with so many action dimensions that even 2 bins do not fit, such as dog-walk's 38, with what to use
+    instead); ignored for Discrete action spaces"""
     k_ratio: float = 0.1
     """k as a fraction of the number of actions (rounded, at least 1); the community releases use 0.1"""
     k: Optional[int] = None
@@ -180,8 +182,8 @@ def check_args(args: Args) -> None:
         fail(f"--buffer-size must hold the {math.lcm(args.num_envs, args.train_frequency)} transitions written per "
              f"update (lcm of --num-envs and --train-frequency), got {args.buffer_size}")
     if args.gamma == 1.0:
-        print("warning: --gamma 1 on a task without terminal states (all of DeepMind Control) lets Q grow without "
-              "bound", file=sys.stderr)
+        print(f"warning: --gamma 1 does not discount: on {args.env_id}, Q grows without bound unless every episode "
+              "ends in a terminal state (a time limit is not one)", file=sys.stderr)
     if args.load_model is not None and not os.path.isfile(args.load_model):
         fail(f"--load-model: no such file: {args.load_model}")
 
@@ -254,22 +256,79 @@ def make_worker_env(env_id: str, seed: int) -> gym.Env:
     return make_env(env_id, seed)
 
 
-def action_table(space: gym.spaces.Space, max_actions: int) -> np.ndarray:
+# The most memory the action grid may take at once, in bytes: its table [N, D] float32 (numpy keeps it for the
+# environment's actions, the device holds a copy), or, per device call, the exact k-NN's distances [S, N] with the
+# critic's two hidden layers over the k neighbours [S, k, 256], for the S states searched at once. 1 GiB leaves room
+# for both copies, the replay buffer and XLA on a small machine, and is far past useful sizes already: every step
+# reads the whole table (Pendulum-v1 at 1,000,000 actions: 10 steps/s). A grid over it is refused before it is built.
+GRID_BYTES_CAP = 1 << 30
+# Grids that build but train slowly: more neighbours than the Pendulum headline's k = 20,000 (at the default
+# --k-ratio the critic over them is most of a step), or a table of ten times its 200,000 entries (N x D). Start-up
+# warns with the measured cost (docs/wolpertinger.md, "Which tasks").
+SLOW_K, SLOW_TABLE = 20_000, 2_000_000
+KNN_TARGET_ROWS = 65536  # --knn-in-target searches max(1, this // k) states at a time: about this many critic rows
+
+
+def grid_bins(max_actions: int, dim: int) -> int:
+    """Bins per dimension of the grid --max-actions asks for: round(max_actions ** (1 / D))."""
+    return int(round(max_actions ** (1.0 / dim)))
+
+
+def grid_bytes(num_actions: int, dim: int, args: "Args") -> int:
+    """The most memory a grid of `num_actions` D-dimensional actions takes at once in this run (GRID_BYTES_CAP)."""
+    k = min(neighbour_count(args, num_actions), num_actions)  # a --k over the number of actions is refused later
+    states = max(args.num_envs, min(args.batch_size, max(1, KNN_TARGET_ROWS // k)) if args.knn_in_target else 1)
+    return 4 * max(num_actions * dim, states * (num_actions + 2 * 256 * k))
+
+
+def size_text(n: int) -> str:
+    value, unit = (n / 2 ** 40, "TiB") if n >= 2 ** 40 else (n / 2 ** 30, "GiB")
+    return f"{value:,.1f}".removesuffix(".0") + f" {unit}"
+
+
+def action_table(space: gym.spaces.Space, max_actions: int, args: Optional["Args"] = None) -> np.ndarray:
     """The embeddings of all discrete actions, [N, D] float32 in [-1, 1]; row i is action i.
 
     Box (already rescaled to [-1, 1]^D): the grid of `bins` evenly spaced values per dimension, bins =
     round(max_actions ** (1/D)), rows in C order (the last dimension varies fastest), so action i has the
     per-dimension bin indices np.unravel_index(i, (bins,) * D). Discrete(n): linspace(-1, 1, n) as [n, 1].
+    A grid over GRID_BYTES_CAP at `args`' k and --num-envs (default: Args()) is refused before it is built,
+    with the largest --max-actions that fits, or, when not even 2 bins per dimension fit, what to use instead.
     """
     if isinstance(space, gym.spaces.Discrete):
         return np.linspace(-1.0, 1.0, int(space.n), dtype=np.float32)[:, None]
+    args = args or Args()
     dim = int(np.prod(space.shape))
-    bins = int(round(max_actions ** (1.0 / dim)))
+    cap = size_text(GRID_BYTES_CAP)
+    if 2 ** dim * dim * 4 > GRID_BYTES_CAP:
+        fail(f"{dim} action dimensions are too many to enumerate: even 2 bins per dimension make 2**{dim} = "
+             f"{2 ** dim:,} actions, a {size_text(2 ** dim * dim * 4)} table ({SCRIPT} builds at most {cap}); use "
+             "qmle_dmc.py or aql_discrete.py, which sample candidate actions instead of enumerating them")
+    fits = lambda bins: grid_bytes(bins ** dim, dim, args) <= GRID_BYTES_CAP  # noqa: E731
+    if not fits(2):
+        fail(f"even 2 bins per dimension ({2 ** dim:,} actions, k = {neighbour_count(args, 2 ** dim):,}) need "
+             f"{size_text(grid_bytes(2 ** dim, dim, args))} for the k-NN and the critic over the k neighbours, over "
+             f"the {cap} cap; use a smaller --k or --k-ratio")
+    bins = grid_bins(max_actions, dim)
     if bins < 2:
         fail(f"--max-actions {max_actions} gives fewer than 2 bins per dimension for {dim} action dimensions; "
-             f"use at least {int(np.ceil(1.5 ** dim))}")
+             f"use at least --max-actions {2 ** dim}")
+    if not fits(bins):
+        low, high = 2, bins  # the largest bins that fit: fits(low), not fits(high)
+        while high - low > 1:
+            low, high = ((low + high) // 2, high) if fits((low + high) // 2) else (low, (low + high) // 2)
+        while low > 2 and grid_bins(low ** dim, dim) != low:  # float roots: suggest a size that gives `low` bins
+            low -= 1
+        hint = (f"use at most --max-actions {low ** dim}" if args.k is None or args.k <= low ** dim
+                else "use a smaller --k")
+        grid = f"{bins} bins in each of {dim} dimensions" if dim > 1 else f"{bins} bins in 1 dimension"
+        fail(f"--max-actions {max_actions} makes {bins ** dim:,} actions ({grid}), "
+             f"k = {neighbour_count(args, bins ** dim):,}, which need {size_text(grid_bytes(bins ** dim, dim, args))} "
+             f"at once (the table, or the k-NN's distances and the critic over the k neighbours), over the {cap} "
+             f"cap; {hint}")
     values = np.linspace(-1.0, 1.0, bins, dtype=np.float32)
-    return np.stack(np.meshgrid(*[values] * dim, indexing="ij"), -1).reshape(-1, dim)
+    # copy=False: broadcast views, so that only the stacked table is allocated
+    return np.stack(np.meshgrid(*[values] * dim, indexing="ij", copy=False), -1).reshape(-1, dim)
 
 
 def env_action(space: gym.spaces.Space, table: np.ndarray, index):
@@ -475,7 +534,7 @@ def target_value(nets: Networks, actor_state: DDPGState, critic_state: DDPGState
         return nets.critic.apply(critic_state.target_params, next_obs, next_proto[:, None])[:, 0]
     best_q = lambda xs: refine(nets.critic, critic_state.target_params, table, *xs, nets.k, nets.approx,  # noqa: E731
                                nets.recall_target)[1].max()
-    return jax.lax.map(best_q, (next_obs, next_proto), batch_size=max(1, 65536 // nets.k))
+    return jax.lax.map(best_q, (next_obs, next_proto), batch_size=max(1, KNN_TARGET_ROWS // nets.k))
 
 
 def gradient_step(nets: Networks, actor_state: DDPGState, critic_state: DDPGState, buffer: ReplayBuffer, table, key,
@@ -726,11 +785,17 @@ def main(args: Args) -> None:
     env = make_env(args.env_id, args.seed)  # one line of error here, not in a worker, for an id it cannot use
     space, example_obs = env.action_space, env.reset(seed=args.seed)[0]
     env.close()
-    table_np = action_table(space, args.max_actions)
+    table_np = action_table(space, args.max_actions, args)
     num_actions, embedding_dim = table_np.shape
     k = neighbour_count(args, num_actions)
     if k > num_actions:
         fail(f"--k must be <= the number of actions ({num_actions}), got {k}")
+    if k > SLOW_K or num_actions * embedding_dim > SLOW_TABLE:
+        print(f"warning: {num_actions:,} actions of {embedding_dim} dimensions and k = {k:,} make every step slow (the "
+              "k-NN reads the whole table, the critic evaluates k actions); for scale, walker-walk's default grid "
+              "(262,144 actions, k = 26,214) ran at 3-4 steps/s on a busy 2-core CPU, 4 minutes per 1000-step "
+              "evaluation episode, and at 50-100 steps/s with --k 64 or with --max-actions 4096 (docs/wolpertinger.md)",
+              file=sys.stderr, flush=True)
     envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)
     nets = Networks(Actor(embedding_dim), Critic(), k, args.knn == "approx", args.recall_target)
     table = jnp.asarray(table_np)
@@ -900,5 +965,26 @@ def main(args: Args) -> None:
         sys.exit(1 if outcome == "crashed" else 128 + stop[0])
 
 
+def check_whole_numbers(cls, argv: list) -> None:
+    """Refuse a whole-number flag given `nan`, `inf` or `1.5` with one line and status 1, as every other bad input
+    is refused (tyro would answer with a boxed message and status 2). Values follow their flag, up to the next flag
+    (`--seeds 1 2`), or its `=` (`--seed=1`); `None` is a value of Optional[int] flags."""
+    whole = {"--" + name.replace("_", "-"): type(None) in get_args(hint) for name, hint in get_type_hints(cls).items()
+             if int in (hint, *get_args(hint))}  # flag -> whether None is allowed
+    name = None
+    for arg in argv:
+        if arg.startswith("--") or arg == "-h":
+            name, _, value = arg.partition("=")
+            name = name.replace("_", "-")
+        else:
+            value = arg
+        if name in whole and value and not (whole[name] and value == "None"):
+            try:
+                int(value)
+            except ValueError:
+                raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
+
+
 if __name__ == "__main__":
+    check_whole_numbers(Args, sys.argv[1:])
     main(tyro.cli(Args))

@@ -17,24 +17,39 @@ Each mode has its own --help. Extra flags go to every training command as one st
 
 import csv
 import glob
+import itertools
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Annotated, List, Optional, Union
+from typing import Annotated, List, Optional, Union, get_args, get_type_hints
 
 import numpy as np
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_CURVES = os.path.join(ROOT, "docs", "qmle_release", "curves.csv")
-# One colour per system in every figure; experiments not named here take the next free one.
+# One colour per system in every figure, whatever its experiment is called: SYSTEMS lists the names under which
+# an experiment is that system at its defaults (a full match; `qmle_n1...`: --num-envs 1 is the default).
+# Any other experiment, a variant, takes the next free colour of the figure.
 COLOURS = {"release": "black", "qmle_dmc": "C0", "qtopt_cem": "C1", "aql": "C2", "uniformql": "C3",
            "wolpertinger": "C4", "random": "grey"}
+SYSTEMS = {"release": r"release", "qmle_dmc": r"qmle_dmc|qmle_n1(?!\d).*", "qtopt_cem": r"qtopt_cem",
+           "aql": r"aql|aql_discrete|aql_amortisation", "uniformql": r"uniformql", "wolpertinger": r"wolpertinger",
+           "random": r"random"}
+FREE_COLOURS = ["C5", "C6", "C8", "C9", "C7"]
+
+
+def colours_of(names: list) -> dict:
+    """{experiment: colour}: its system's colour, or the next free one for a variant (in the order given)."""
+    systems = {name: next((s for s, pattern in SYSTEMS.items() if re.fullmatch(pattern, name)), None) for name in names}
+    free = itertools.cycle(FREE_COLOURS)
+    return {name: COLOURS[systems[name]] if systems[name] else next(free) for name in names}
 
 
 @dataclass
@@ -217,11 +232,19 @@ def summary(values: list) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values, ddof=1) / np.sqrt(len(values)):.1f}"
 
 
+def seeds_text(counts: set) -> str:
+    """How many seeds a legend entry's curves average, over the panels it appears in."""
+    if counts == {1}:
+        return "1 seed, no band"
+    return f"{min(counts)} seeds" if len(counts) == 1 else f"{min(counts)}–{max(counts)} seeds"
+
+
 def report(args: Report) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     labels = dict(item.split("=", 1) for item in args.labels)
     label = lambda name: labels.get(name, "authors' release (PyTorch)" if name == "release" else name)  # noqa: E731
@@ -293,8 +316,7 @@ def report(args: Report) -> None:
             print(f"| {env_id} | {name} | last-{args.last_episodes} mean >= {value} first at step | "
                   + ", ".join(f"{run_id}: {'never' if s is None else s}" for run_id, s in firsts.items()) + " |")
 
-    free = iter(f"C{i}" for i in range(5, 10))
-    colours = {name: COLOURS.get(name) or next(free) for name in groups}
+    colours, seeds = colours_of(list(groups)), defaultdict(set)
     fig, axes = plt.subplots(1, len(env_ids), figsize=(5 * len(env_ids), 3.8), squeeze=False)
     for ax, env_id in zip(axes[0], env_ids):
         for name, curves in groups.items():
@@ -305,12 +327,18 @@ def report(args: Report) -> None:
             values = np.array([np.interp(grid, *zip(*pts)) for pts in runs])
             mean = values.mean(0)
             sem = values.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
-            ax.plot(grid, mean, color=colours[name], label=f"{label(name)} ({len(runs)} seeds)")
+            ax.plot(grid, mean, color=colours[name], label=label(name))
             ax.fill_between(grid, mean - sem, mean + sem, color=colours[name], alpha=0.2, linewidth=0)
-        ax.set(title=env_id, xlabel="environment steps", ylabel="episodic return")
-        ax.legend(fontsize=7, title="mean; band: ±1 standard error over seeds", title_fontsize=7)
+            seeds[name].add(len(runs))
+        ax.set(title=env_id, xlabel="environment steps", ylabel="episodic return (training)")
+    # One legend for all panels, below them: each entry a line over its band, with the seeds it averages.
+    names = [name for name in groups if seeds[name]]
+    fig.legend([(Patch(color=colours[n], alpha=0.2, linewidth=0), plt.Line2D([], [], color=colours[n])) for n in names],
+               [f"{label(n)} ({seeds_text(seeds[n])})" for n in names], loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=max(1, min(len(names), len(env_ids))), fontsize=8, frameon=False, title_fontsize=8,
+               title="line: mean over seeds; shaded band: ±1 standard error of that mean over the seeds")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.output_dir, "learning_curves.png"), dpi=110)
+    fig.savefig(os.path.join(args.output_dir, "learning_curves.png"), dpi=110, bbox_inches="tight")
     print(f"\nwrote {args.output_dir}/learning_curves.csv and learning_curves.png")
 
 
@@ -349,5 +377,28 @@ def main(args) -> None:
         report(args)
 
 
+def check_whole_numbers(cls, argv: list) -> None:
+    """Refuse a whole-number flag given `nan`, `inf` or `1.5` with one line and status 1, as every other bad input
+    is refused (tyro would answer with a boxed message and status 2). Values follow their flag, up to the next flag
+    (`--seeds 1 2`), or its `=` (`--seed=1`); `None` is a value of Optional[int] flags."""
+    whole = {"--" + name.replace("_", "-"): type(None) in get_args(hint) for name, hint in get_type_hints(cls).items()
+             if int in (hint, *get_args(hint))}  # flag -> whether None is allowed
+    name = None
+    for arg in argv:
+        if arg.startswith("--") or arg == "-h":
+            name, _, value = arg.partition("=")
+            name = name.replace("_", "-")
+        else:
+            value = arg
+        if name in whole and value and not (whole[name] and value == "None"):
+            try:
+                int(value)
+            except ValueError:
+                raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
+
+
 if __name__ == "__main__":
+    modes = {"run": Run, "print": Print, "report": Report, "random": Random}  # the subcommand comes first
+    if sys.argv[1:] and sys.argv[1] in modes:
+        check_whole_numbers(modes[sys.argv[1]], sys.argv[2:])
     main(tyro.cli(Mode))

@@ -308,6 +308,7 @@ def test_act_counts_greedy_actions_and_proposal_wins_on_the_device(model_and_par
     (dict(entropy_coef=float("nan")), "--entropy-coef must be a finite number, got nan"),
     (dict(gamma=float("inf")), "--gamma must be a finite number, got inf"),
     (dict(learning_rate=0.0), "--learning-rate must be > 0, got 0.0"),
+    (dict(learning_rate=-1e-3), "--learning-rate must be > 0, got -0.001"),
     (dict(priority_epsilon=0.0), "--priority-epsilon must be > 0 with prioritised replay, got 0.0"),
     (dict(num_envs=0), "--num-envs must be >= 1, got 0"),
     (dict(num_envs=4, buffer_size=10), "--buffer-size must hold the 20 transitions written per update"),

@@ -129,6 +129,7 @@ def test_documented_outcomes_on_fixed_seeds(results):
     (["--ou-theta", "inf"], "--ou-theta must be a finite number, got inf"),
     (["--epsilon", "nan"], "--epsilon must be a finite number, got nan"),
     (["--init-radius", "0.7"], "--init-radius must be < 0.65"),  # the delta would start outside the action box
+    (["--buffer-size", "4"], "--buffer-size must hold the 16 pulls written per step (--pulls-per-step), got 4"),
 ])
 def test_bad_arguments_fail_with_one_line(argv, message):
     proc = run_script("bandit_illustration.py", *argv, timeout=120)

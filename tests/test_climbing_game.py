@@ -100,6 +100,7 @@ def test_documented_outcomes_on_fixed_seeds(results):
     (["--output-dir", __file__], "exists and is not a folder"),
     (["--local-std", "nan"], "--local-std must be a finite number, got nan"),
     (["--learning-rate", "-inf"], "--learning-rate must be a finite number, got -inf"),
+    (["--buffer-size", "15"], "--buffer-size must hold the 16 plays written per step (--plays-per-step), got 15"),
 ])
 def test_bad_arguments_fail_with_one_line(argv, message):
     proc = run_script("climbing_game.py", *argv, timeout=120)

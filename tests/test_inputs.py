@@ -4,6 +4,8 @@ from Python, and the README names only paths that exist in a clone."""
 import dataclasses
 import os
 import re
+import sys
+from typing import List, Optional, get_type_hints
 
 import pytest
 
@@ -14,6 +16,11 @@ import qmle_dmc
 import qtopt_cem
 import wolpertinger
 from conftest import ROOT, run_script
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import checkpoint  # noqa: E402
+import learning  # noqa: E402
+import speed  # noqa: E402
 
 SCRIPTS = {"qmle_dmc.py": qmle_dmc, "qtopt_cem.py": qtopt_cem, "aql_discrete.py": aql_discrete,
            "wolpertinger.py": wolpertinger, "bandit_illustration.py": bandit_illustration,
@@ -44,6 +51,72 @@ def test_nan_from_the_command_line_is_one_line_and_status_1(tmp_path, script, fl
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: {flag} must be a finite number, got nan"]
     assert not os.path.exists(tmp_path / "runs")  # refused before anything was started
+
+
+# Every parser of the nine scripts: (script, subcommand, module, dataclass); learning.py has one per subcommand.
+PARSERS = [(script, None, module, module.Args) for script, module in SCRIPTS.items()] + [
+    ("benchmarks/speed.py", None, speed, speed.Args), ("benchmarks/checkpoint.py", None, checkpoint, checkpoint.Args)
+] + [("benchmarks/learning.py", mode, learning, cls) for mode, cls in
+     dict(run=learning.Run, print=learning.Print, report=learning.Report, random=learning.Random).items()]
+INT_FLAGS = [(script, mode, module, cls, f"--{name.replace('_', '-')}") for script, mode, module, cls in PARSERS
+             for name, hint in get_type_hints(cls).items() if hint in (int, Optional[int], List[int])]
+
+
+def test_every_parser_has_whole_number_flags_to_check():
+    # the table is built from the dataclasses: make sure it found them, lists and optional ones included
+    assert {(script, mode) for script, mode, *_ in INT_FLAGS} == {(script, mode) for script, mode, *_ in PARSERS}
+    found = {(script, flag) for script, _, _, _, flag in INT_FLAGS}
+    assert {("qmle_dmc.py", "--total-timesteps"), ("wolpertinger.py", "--k"), ("benchmarks/speed.py", "--num-envs"),
+            ("benchmarks/learning.py", "--seeds"), ("benchmarks/checkpoint.py", "--transitions")} <= found
+    assert not any(flag == "--track" for _, flag in found)  # a bool is no whole-number flag
+
+
+@pytest.mark.parametrize("script, mode, module, cls, flag", INT_FLAGS, ids=[f"{s}{' ' + m if m else ''} {f}"
+                                                                              for s, m, _, _, f in INT_FLAGS])
+def test_every_whole_number_flag_refuses_nan_and_infinity(script, mode, module, cls, flag):
+    # what each script's __main__ checks before tyro parses (tyro would print a boxed message and exit with 2); a
+    # string code is one line on stderr and exit status 1 (Python's own handling of SystemExit)
+    underscores = "--" + flag[2:].replace("-", "_")  # tyro takes --total_timesteps too
+    for argv, value in [([flag, "nan"], "nan"), ([f"{flag}=inf"], "inf"), ([flag, "1", "-inf"], "-inf"),
+                        ([underscores, "1.5"], "1.5")]:
+        with pytest.raises(SystemExit) as exit_info:
+            module.check_whole_numbers(cls, ["--exp-name", "nan", "--env-ids", "inf", *argv])  # text flags: any value
+        assert exit_info.value.code == f"error: {flag}: expected a whole number, got {value!r}"
+    module.check_whole_numbers(cls, [flag, "3", f"{flag}=-1_000", flag, "4", "5", "--exp-name", "nan"])  # these pass
+    if get_type_hints(cls)[flag[2:].replace("-", "_")] == Optional[int]:
+        module.check_whole_numbers(cls, [flag, "None"])
+
+
+@pytest.mark.parametrize("script, argv, message", [  # each script's __main__, and each subcommand of learning.py
+    ("qmle_dmc.py", ["--total-timesteps", "nan"], "--total-timesteps: expected a whole number, got 'nan'"),
+    ("qtopt_cem.py", ["--cem-samples=inf"], "--cem-samples: expected a whole number, got 'inf'"),
+    ("aql_discrete.py", ["--num-bins", "1.5"], "--num-bins: expected a whole number, got '1.5'"),
+    ("wolpertinger.py", ["--k", "nan"], "--k: expected a whole number, got 'nan'"),
+    ("bandit_illustration.py", ["--pulls-per-step", "inf"], "--pulls-per-step: expected a whole number, got 'inf'"),
+    ("climbing_game.py", ["--buffer-size", "nan"], "--buffer-size: expected a whole number, got 'nan'"),
+    ("benchmarks/learning.py", ["run", "--seeds", "1", "nan"], "--seeds: expected a whole number, got 'nan'"),
+    ("benchmarks/learning.py", ["print", "--total-timesteps=inf"],
+     "--total-timesteps: expected a whole number, got 'inf'"),
+    ("benchmarks/learning.py", ["report", "--last-episodes", "inf"],
+     "--last-episodes: expected a whole number, got 'inf'"),
+    ("benchmarks/learning.py", ["random", "--episodes", "nan"], "--episodes: expected a whole number, got 'nan'"),
+    ("benchmarks/speed.py", ["--timesteps", "nan"], "--timesteps: expected a whole number, got 'nan'"),
+    ("benchmarks/checkpoint.py", ["--transitions", "inf"], "--transitions: expected a whole number, got 'inf'")])
+def test_a_whole_number_flag_given_nan_is_one_line_and_status_1_from_the_command_line(tmp_path, script, argv, message):
+    result = run_script(script, *argv, cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: {message}"], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["qmle_dmc.py", "qtopt_cem.py", "aql_discrete.py", "wolpertinger.py"])
+@pytest.mark.parametrize("env_id", ["cartpole-swingup", "CartPole-v1"])
+def test_gamma_1_warns_naming_the_task_without_claiming_it_never_terminates(capsys, script, env_id):
+    module = SCRIPTS[script]
+    module.check_args(module.Args(env_id=env_id, gamma=1.0))  # a warning, not a refusal
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: --gamma 1 does not discount: on {env_id}, Q grows without bound unless every episode ends in a "
+        "terminal state (a time limit is not one)"]
+    module.check_args(module.Args(env_id=env_id, gamma=0.99))
+    assert capsys.readouterr().err == ""
 
 
 def readme_paths():

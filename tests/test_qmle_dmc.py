@@ -357,6 +357,11 @@ def test_curriculum_phase_acts_on_the_bin_grid_only(model_and_params):
     (dict(learning_starts=-5), "--learning-starts must be >= 0, got -5"),
     (dict(rho_uniform=0.5), "must sum to 1, got 0.6"),
     (dict(epsilon=1.5), "--epsilon must be in [0, 1], got 1.5"),
+    (dict(learning_rate=0.0), "--learning-rate must be > 0, got 0.0"),
+    (dict(learning_rate=-1e-3), "--learning-rate must be > 0, got -0.001"),
+    (dict(priority_epsilon=0.0), "--priority-epsilon must be > 0 with prioritised replay, got 0.0"),
+    (dict(num_envs=4, train_frequency=6, buffer_size=11), "--buffer-size must hold the 12 transitions written per "
+                                                          "update (lcm of --num-envs and --train-frequency), got 11"),
     (dict(load_model="/no/such/model.flax"), "--load-model: no such file: /no/such/model.flax"),
 ])
 def test_bad_arguments_are_rejected_with_one_line(overrides, message):
@@ -364,6 +369,8 @@ def test_bad_arguments_are_rejected_with_one_line(overrides, message):
         q.check_args(q.Args(**overrides))
     text = str(exit_info.value)
     assert text.startswith("error: ") and message in text and "\n" not in text
+    q.check_args(q.Args(priority_epsilon=0.0, prioritized_replay=False))  # no priorities, no epsilon needed
+    q.check_args(q.Args(num_envs=4, train_frequency=6, buffer_size=12))  # exactly one update's transitions
 
 
 def test_a_source_that_small_budgets_leave_empty_is_warned_of(capsys):
@@ -449,10 +456,17 @@ def train_in_process(directory, monkeypatch, **overrides):
 
 
 def test_transitions_periods_curriculum_and_resume_on_a_time_limited_task(tmp_path, monkeypatch):
-    # Pendulum-v1 ends every 200 steps by its time limit; the grid phase lasts 150 steps; targets copy every 300.
-    run_dir, (meta, arrays) = train_in_process(tmp_path, monkeypatch, total_timesteps=600,
-                                               discrete_steps=150, target_network_frequency=300,
+    # Pendulum-v1 ends every 200 steps by its time limit; the grid phase lasts 150 steps; targets copy every 400.
+    # The run stops at 400, resumes to 600 and then to 700: each stop but the last at an episode's end, since a
+    # resumed run restarts its episodes.
+    run_dir, (meta, arrays) = train_in_process(tmp_path, monkeypatch, total_timesteps=400,
+                                               discrete_steps=150, target_network_frequency=400,
                                                checkpoint_frequency=600, exp_name="pendulum")
+    params, target = saved(arrays, "['state'].params"), saved(arrays, "['state'].target_params")
+    assert all(np.array_equal(params[k], target[k]) for k in params)  # copied at step 400, after its update
+    at_400 = params
+
+    _, (meta, arrays) = train_in_process(tmp_path, monkeypatch, total_timesteps=600, resume=run_dir)
     buffer = saved(arrays, "['buffer'].storage")
     obs, next_obs, action = buffer["['obs']"], buffer["['next_obs']"], buffer["['action']"]
     assert meta["global_step"] == 600 and len(obs) == 600
@@ -461,13 +475,15 @@ def test_transitions_periods_curriculum_and_resume_on_a_time_limited_task(tmp_pa
     np.testing.assert_array_equal(ends, [199, 399])  # the stored next_obs is the episode's own, never a reset
     assert set(np.unique(action[:150])) <= {-1.0, 0.0, 1.0} and len(np.unique(action[150:])) > 100
     params, target = saved(arrays, "['state'].params"), saved(arrays, "['state'].target_params")
-    assert all(np.array_equal(params[k], target[k]) for k in params)  # copied at step 600, after its update
+    assert all(np.array_equal(target[k], at_400[k]) for k in params)  # no copy in (400, 600] ...
+    assert not all(np.array_equal(params[k], at_400[k]) for k in params)  # ... although training went on
     assert int(arrays["['state'].step"]) == (600 - 100) // 10 + 1  # one update per 10 steps from step 100
 
     _, (meta, resumed) = train_in_process(tmp_path, monkeypatch, total_timesteps=700, resume=run_dir)
     assert meta["global_step"] == 700 and int(resumed["['state'].step"]) == 61
-    assert all(np.array_equal(saved(resumed, "['state'].target_params")[k], params[k]) for k in params)  # no copy
-    assert not all(np.array_equal(saved(resumed, "['state'].params")[k], params[k]) for k in params)  # at 700
+    assert all(np.array_equal(saved(resumed, "['state'].target_params")[k], at_400[k]) for k in params)  # nor to 700
+    assert not all(np.array_equal(saved(resumed, "['state'].params")[k], params[k]) for k in params)
+    # A copy at 400 and none from 401 to 700: the period is 400, not a divisor (200, 100) nor a multiple (800).
     steps = [int(r["global_step"]) for r in read_metrics(run_dir) if r["charts/SPS"]]
     assert steps == list(range(100, 701, 100))  # metrics.csv continued where the checkpoint was taken
 

@@ -245,6 +245,7 @@ def test_several_updates_in_one_call_equal_the_same_updates_one_by_one():
     (dict(learning_rate=float("nan")), "--learning-rate must be a finite number, got nan"),
     (dict(cem_min_std=float("inf")), "--cem-min-std must be a finite number, got inf"),
     (dict(learning_rate=0.0), "--learning-rate must be > 0, got 0.0"),
+    (dict(learning_rate=-1e-3), "--learning-rate must be > 0, got -0.001"),
     (dict(priority_epsilon=0.0), "--priority-epsilon must be > 0 with prioritised replay, got 0.0"),
     (dict(buffer_size=15, num_envs=4), "--buffer-size must hold the 20 transitions written per update"),
     (dict(load_model="/no/such/model.npz"), "--load-model: no such file: /no/such/model.npz"),

@@ -368,6 +368,7 @@ def test_damaged_missing_or_foreign_checkpoints_are_refused_with_one_line(tmp_pa
     (dict(exploration_noise=float("nan")), "--exploration-noise must be a finite number, got nan"),
     (dict(gamma=float("inf")), "--gamma must be a finite number, got inf"),
     (dict(learning_rate=0.0), "--learning-rate must be > 0, got 0.0"),
+    (dict(learning_rate=-1e-3), "--learning-rate must be > 0, got -0.001"),
     (dict(prioritized_replay=True, priority_epsilon=0.0), "--priority-epsilon must be > 0 with prioritised replay"),
     (dict(num_envs=0), "--num-envs must be >= 1, got 0"),
     (dict(checkpoint_frequency=-1), "--checkpoint-frequency must be >= 0, got -1"),
@@ -413,6 +414,121 @@ def test_action_spaces_it_cannot_index_are_refused_with_one_line(space):
         del gym.registry["WolpertingerTestMulti-v0"]
     assert str(exit_info.value) == (f"error: --env-id 'WolpertingerTestMulti-v0' has {space} actions; wolpertinger.py "
                                     "needs a one-dimensional Box or a Discrete")
+
+
+# --- grids too large to build: refused before they are built, with a hint that can be built ------------------------
+
+CAP = 1 << 30  # bytes; the cap the docs state, written out here rather than read from the script
+
+
+@pytest.fixture
+def no_grid(monkeypatch):
+    """Building any grid fails the test: the refusal must come before the allocation."""
+    def meshgrid(*arrays, **kwargs):
+        raise AssertionError(f"a grid of {[len(a) for a in arrays]} was built")
+
+    monkeypatch.setattr(np, "meshgrid", meshgrid)
+
+
+DOG = ("error: 38 action dimensions are too many to enumerate: even 2 bins per dimension make 2**38 = "
+       "274,877,906,944 actions, a 38 TiB table (wolpertinger.py builds at most 1 GiB); use qmle_dmc.py or "
+       "aql_discrete.py, which sample candidate actions instead of enumerating them")
+
+
+@pytest.mark.parametrize("max_actions", [200_000, 4_914_370, 2 ** 38])  # the default, the old hint, 2 bins
+def test_a_38_dimensional_box_is_refused_with_what_to_use_instead_before_any_allocation(no_grid, max_actions):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            w.action_table(gym.spaces.Box(-1, 1, (38,)), max_actions)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(exit_info.value) == DOG and peak < 1 << 20
+
+
+def test_dog_walk_is_refused_at_start_up_before_its_grid_is_built(no_grid, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            w.main(w.Args(env_id="dog-walk", xla_cache=""))
+    finally:
+        w.restore_signals()
+    assert str(exit_info.value) == DOG and not os.path.exists(tmp_path / "runs")
+
+
+def reference_bytes(bins, dim, k=None, k_ratio=0.1, num_envs=1, knn_in_target=False, batch_size=256):
+    """The most a grid holds at once: its float32 table, or per device call the distances from each searched state
+    to every action and the critic's two 256-wide hidden layers over its k neighbours."""
+    n = bins ** dim
+    k = min(n, k if k is not None else max(1, round(k_ratio * n)))
+    states = max(num_envs, min(batch_size, max(1, 65536 // k)) if knn_in_target else 1)
+    return max(4 * n * dim, states * (4 * n + 2 * 256 * 4 * k))
+
+
+@pytest.mark.parametrize("dim, max_actions, settings", [
+    (1, 10 ** 8, {}), (6, 10 ** 9, {}), (6, 200_000, dict(num_envs=64)), (1, 10 ** 10, dict(k=20_000)),
+    (1, 2 * 10 ** 6, dict(k=2, knn_in_target=True)), (3, 10 ** 12, dict(k=10)),
+])
+def test_a_grid_over_the_cap_is_refused_and_the_suggested_size_fits_under_it(no_grid, dim, max_actions, settings):
+    with pytest.raises(SystemExit) as exit_info:
+        w.action_table(gym.spaces.Box(-1, 1, (dim,)), max_actions, w.Args(**settings))
+    text = str(exit_info.value)
+    bins = round(max_actions ** (1 / dim))
+    assert reference_bytes(bins, dim, **settings) > CAP  # the case is one to refuse
+    assert text.startswith(f"error: --max-actions {max_actions} makes {bins ** dim:,} actions (") and "\n" not in text
+    assert text.endswith(" over the 1 GiB cap; use at most --max-actions " + text.rsplit(" ", 1)[1])
+    suggested = int(text.rsplit(" ", 1)[1])
+    suggested_bins = round(suggested ** (1 / dim))
+    assert suggested == suggested_bins ** dim  # a whole grid: the size it names is the size it builds
+    assert reference_bytes(suggested_bins, dim, **settings) <= CAP  # it fits,
+    assert reference_bytes(suggested_bins + 1, dim, **settings) > CAP  # and one more bin would not
+
+
+def test_too_few_bins_suggest_the_smallest_grid_and_it_builds():
+    with pytest.raises(SystemExit) as exit_info:
+        w.action_table(gym.spaces.Box(-1, 1, (6,)), 5)
+    assert str(exit_info.value) == ("error: --max-actions 5 gives fewer than 2 bins per dimension for 6 action "
+                                    "dimensions; use at least --max-actions 64")
+    assert w.action_table(gym.spaces.Box(-1, 1, (6,)), 64).shape == (64, 6)
+
+
+def test_a_grid_whose_k_is_over_the_cap_at_two_bins_asks_for_a_smaller_k(no_grid):
+    with pytest.raises(SystemExit) as exit_info:  # 2**23 actions: the table fits, the critic over 10% of them not
+        w.action_table(gym.spaces.Box(-1, 1, (23,)), 200_000)
+    assert str(exit_info.value) == ("error: even 2 bins per dimension (8,388,608 actions, k = 838,861) need 1.6 GiB "
+                                    "for the k-NN and the critic over the k neighbours, over the 1 GiB cap; use a "
+                                    "smaller --k or --k-ratio")
+
+
+class Started(Exception):
+    pass
+
+
+@pytest.mark.parametrize("env_id, settings, slow", [
+    ("walker-walk", {}, True),  # 8 ** 6 = 262,144 actions, k = 26,214: a few steps per second
+    ("walker-walk", dict(k=64), False),  # the same grid with a small k: 50-100 steps/s
+    ("Pendulum-v1", {}, False),  # the headline: 200,000 actions, k = 20,000
+])
+def test_a_slow_grid_is_allowed_with_a_warning_that_says_what_is_faster(tmp_path, monkeypatch, capsys, env_id,
+                                                                        settings, slow):
+    def make_envs(*_):
+        raise Started
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(w, "make_envs", make_envs)
+    try:
+        with pytest.raises(Started):
+            w.main(w.Args(env_id=env_id, xla_cache="", **settings))
+    finally:
+        w.restore_signals()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == slow
+    if slow:
+        assert warnings[0].startswith("warning: 262,144 actions of 6 dimensions and k = 26,214 make every step slow")
+        assert "--k 64 or with --max-actions 4096" in warnings[0]
 
 
 # --- whole runs ---------------------------------------------------------------------------------------------------
