@@ -55,7 +55,7 @@ def test_nan_from_the_command_line_is_one_line_and_status_1(tmp_path, script, fl
 
 # Every parser of the nine scripts: (script, subcommand, module, dataclass); learning.py has one per subcommand.
 PARSERS = [(script, None, module, module.Args) for script, module in SCRIPTS.items()] + [
-    ("benchmarks/speed.py", None, speed, speed.Args), ("benchmarks/checkpoint.py", None, checkpoint, checkpoint.Args)
+    ("benchmarks/speed.py", None, qmle_dmc, speed.Args), ("benchmarks/checkpoint.py", None, qmle_dmc, checkpoint.Args)
 ] + [("benchmarks/learning.py", mode, learning, cls) for mode, cls in
      dict(run=learning.Run, print=learning.Print, report=learning.Report, random=learning.Random).items()]
 INT_FLAGS = [(script, mode, module, cls, f"--{name.replace('_', '-')}") for script, mode, module, cls in PARSERS
