@@ -1,4 +1,5 @@
-"""The run-management helpers every agent script carries its own copy of (so that each script stands alone):
+"""The run-management helpers every agent script carries its own copy of (so that each script stands alone), and
+the whole-number check the other command-line scripts copy too:
 the copies must stay the same, as the replay-buffer block must, or a fix to one leaves the others behind."""
 import ast
 import functools
@@ -27,3 +28,8 @@ def test_each_shared_helper_is_the_same_in_every_agent_script(name):
     assert copies["qmle_dmc.py"] is not None, f"qmle_dmc.py has no {name}"
     for script, source in copies.items():
         assert source == copies["qmle_dmc.py"], f"{name} in {script} differs from qmle_dmc.py's"
+
+
+@pytest.mark.parametrize("script", ["bandit_illustration.py", "climbing_game.py", "benchmarks/learning.py"])
+def test_the_other_scripts_check_whole_numbers_as_the_agents_do(script):
+    assert top_level_sources(script)["check_whole_numbers"] == top_level_sources("qmle_dmc.py")["check_whole_numbers"]
