@@ -169,21 +169,26 @@ def commands(args: Grid) -> List[List[str]]:
 
 
 def run(args: Run) -> None:
-    todo, running, cores = list(enumerate(commands(args))), [], os.cpu_count() or 1
-    os.makedirs(os.path.join(args.runs_dir, "logs"), exist_ok=True)
+    logs = [os.path.join(args.runs_dir, "logs", f"{exp_name(args)}__{cmd[cmd.index('--env-id') + 1]}__"
+                         f"{cmd[cmd.index('--seed') + 1]}.log") for cmd in commands(args)]
+    launch(commands(args), logs, args.jobs, args.pin_cores, args.runs_dir)
+
+
+def launch(cmds: List[List[str]], logs: List[str], jobs: int, pin_cores: bool, runs_dir: str) -> None:
+    """Run the commands, `jobs` at a time, each writing its console to its log, from runs_dir's parent folder."""
+    todo, running, cores = list(enumerate(zip(cmds, logs))), [], os.cpu_count() or 1
+    os.makedirs(os.path.join(runs_dir, "logs"), exist_ok=True)
     # Runs that share one GPU must not each take most of its memory up front (JAX's default).
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false") if args.jobs > 1 else None
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false") if jobs > 1 else None
     while todo or running:
         running = [p for p in running if p.poll() is None]
-        while todo and len(running) < args.jobs:
-            i, cmd = todo.pop(0)
-            cmd = ["taskset", "-c", str(i % cores), *cmd] if args.pin_cores else cmd
-            log = os.path.join(args.runs_dir, "logs", f"{exp_name(args)}__{cmd[cmd.index('--env-id') + 1]}__"
-                               f"{cmd[cmd.index('--seed') + 1]}.log")
+        while todo and len(running) < jobs:
+            i, (cmd, log) = todo.pop(0)
+            cmd = ["taskset", "-c", str(i % cores), *cmd] if pin_cores else cmd
             print(f"starting ({log}): {shlex.join(cmd)}", flush=True)
             running.append(subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                                            cwd=os.path.dirname(os.path.abspath(args.runs_dir))))
-        time.sleep(5)
+                                            cwd=os.path.dirname(os.path.abspath(runs_dir))))
+        time.sleep(1)
 
 
 def read_metric(runs_dir: str, exp: str, column: str) -> dict:

@@ -12,6 +12,7 @@ import pytest
 import aql_discrete
 import bandit_illustration
 import climbing_game
+import dqn_grid
 import qmle_dmc
 import qtopt_cem
 import wolpertinger
@@ -19,11 +20,12 @@ from conftest import ROOT, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import checkpoint  # noqa: E402
+import ablations  # noqa: E402
 import learning  # noqa: E402
 import speed  # noqa: E402
 
 SCRIPTS = {"qmle_dmc.py": qmle_dmc, "qtopt_cem.py": qtopt_cem, "aql_discrete.py": aql_discrete,
-           "wolpertinger.py": wolpertinger, "bandit_illustration.py": bandit_illustration,
+           "wolpertinger.py": wolpertinger, "dqn_grid.py": dqn_grid, "bandit_illustration.py": bandit_illustration,
            "climbing_game.py": climbing_game}
 FLOAT_FLAGS = [(script, field.name) for script, module in SCRIPTS.items()
                for field in dataclasses.fields(module.Args) if field.type in (float, "float")]
@@ -53,11 +55,14 @@ def test_nan_from_the_command_line_is_one_line_and_status_1(tmp_path, script, fl
     assert not os.path.exists(tmp_path / "runs")  # refused before anything was started
 
 
-# Every parser of the nine scripts: (script, subcommand, module, dataclass); learning.py has one per subcommand.
+# Every parser of every script: (script, subcommand, module, dataclass); learning.py and ablations.py have one per
+# subcommand.
 PARSERS = [(script, None, module, module.Args) for script, module in SCRIPTS.items()] + [
     ("benchmarks/speed.py", None, qmle_dmc, speed.Args), ("benchmarks/checkpoint.py", None, qmle_dmc, checkpoint.Args)
 ] + [("benchmarks/learning.py", mode, learning, cls) for mode, cls in
-     dict(run=learning.Run, print=learning.Print, report=learning.Report, random=learning.Random).items()]
+     dict(run=learning.Run, print=learning.Print, report=learning.Report, random=learning.Random).items()] + [
+    ("benchmarks/ablations.py", mode, learning, cls) for mode, cls in
+    dict(list=ablations.Listing, run=ablations.Run, print=ablations.Print, report=ablations.Report).items()]
 INT_FLAGS = [(script, mode, module, cls, f"--{name.replace('_', '-')}") for script, mode, module, cls in PARSERS
              for name, hint in get_type_hints(cls).items() if hint in (int, Optional[int], List[int])]
 
@@ -92,6 +97,7 @@ def test_every_whole_number_flag_refuses_nan_and_infinity(script, mode, module, 
     ("qtopt_cem.py", ["--cem-samples=inf"], "--cem-samples: expected a whole number, got 'inf'"),
     ("aql_discrete.py", ["--num-bins", "1.5"], "--num-bins: expected a whole number, got '1.5'"),
     ("wolpertinger.py", ["--k", "nan"], "--k: expected a whole number, got 'nan'"),
+    ("dqn_grid.py", ["--batch-size", "inf"], "--batch-size: expected a whole number, got 'inf'"),
     ("bandit_illustration.py", ["--pulls-per-step", "inf"], "--pulls-per-step: expected a whole number, got 'inf'"),
     ("climbing_game.py", ["--buffer-size", "nan"], "--buffer-size: expected a whole number, got 'nan'"),
     ("benchmarks/learning.py", ["run", "--seeds", "1", "nan"], "--seeds: expected a whole number, got 'nan'"),
@@ -100,6 +106,7 @@ def test_every_whole_number_flag_refuses_nan_and_infinity(script, mode, module, 
     ("benchmarks/learning.py", ["report", "--last-episodes", "inf"],
      "--last-episodes: expected a whole number, got 'inf'"),
     ("benchmarks/learning.py", ["random", "--episodes", "nan"], "--episodes: expected a whole number, got 'nan'"),
+    ("benchmarks/ablations.py", ["list", "--figures", "8.5"], "--figures: expected a whole number, got '8.5'"),
     ("benchmarks/speed.py", ["--timesteps", "nan"], "--timesteps: expected a whole number, got 'nan'"),
     ("benchmarks/checkpoint.py", ["--transitions", "inf"], "--transitions: expected a whole number, got 'inf'")])
 def test_a_whole_number_flag_given_nan_is_one_line_and_status_1_from_the_command_line(tmp_path, script, argv, message):
@@ -107,7 +114,7 @@ def test_a_whole_number_flag_given_nan_is_one_line_and_status_1_from_the_command
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: {message}"], result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("script", ["qmle_dmc.py", "qtopt_cem.py", "aql_discrete.py", "wolpertinger.py"])
+@pytest.mark.parametrize("script", ["qmle_dmc.py", "qtopt_cem.py", "aql_discrete.py", "wolpertinger.py", "dqn_grid.py"])
 @pytest.mark.parametrize("env_id", ["cartpole-swingup", "CartPole-v1"])
 def test_gamma_1_warns_naming_the_task_without_claiming_it_never_terminates(capsys, script, env_id):
     module = SCRIPTS[script]

@@ -11,7 +11,7 @@ import pytest
 import qmle_dmc as q
 from conftest import ROOT
 
-AGENT_SCRIPTS = ["qmle_dmc.py", "aql_discrete.py", "qtopt_cem.py", "wolpertinger.py"]
+AGENT_SCRIPTS = ["qmle_dmc.py", "aql_discrete.py", "qtopt_cem.py", "wolpertinger.py", "dqn_grid.py"]
 BEGIN = "# === replay buffer: begin (identical in every agent script) ==="
 END = "# === replay buffer: end ==="
 

@@ -1,0 +1,139 @@
+"""The paper's ablations by name (benchmarks/ablations.py): each figure's variants train what the paper describes,
+checked through the training script's own parser and budget split, and the report's verdicts follow from the runs."""
+
+import os
+import shlex
+import sys
+
+import pytest
+import tyro
+
+import qmle_dmc as q
+from conftest import ROOT, run_script
+from test_benchmarks import write_run
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import ablations  # noqa: E402
+
+
+def parsed(exp_name, total_timesteps=100_000):
+    """The qmle_dmc.py settings a figure's variant trains with, as its command line gives them."""
+    variant = next(v for f in ablations.FIGURES.values() for v in f.variants if v.exp_name == exp_name)
+    assert variant.script == "qmle_dmc.py"
+    args = tyro.cli(q.Args, args=shlex.split(ablations.flags_of(variant, total_timesteps)))
+    q.check_args(args)
+    return args
+
+
+def budgets(args):
+    split = lambda m: q.Budget.split(m, args.rho_uniform, args.rho_delta, args.rho_categorical,  # noqa: E731
+                                     args.grid_fraction)
+    return split(args.m_greedy), split(args.m_target)
+
+
+def test_fig8_compares_one_uniform_and_one_delta_sample_against_two_uniform_samples_without_the_cache():
+    # Appendix D.1: budgets 2; QMLE half uniform, half delta; the ablation all uniform. Both continuous (no grid),
+    # and the ablation has no amortisation at all, so the cached arg-max leaves its target search.
+    amortised, uniform = parsed("fig8_amortised"), parsed("fig8_uniform")
+    assert budgets(amortised) == (q.Budget(1, 0, 1, 0),) * 2 and amortised.cache_argmax
+    assert budgets(uniform) == (q.Budget(2, 0, 0, 0),) * 2 and not uniform.cache_argmax
+
+
+def test_fig9_changes_the_budgets_alone():
+    small, large, defaults = parsed("fig9_m2"), parsed("fig9_m1000"), q.Args()
+    assert (small.m_greedy, small.m_target, large.m_greedy, large.m_target) == (2, 2, 1000, 1000)
+    for args in (small, large):  # Table 1's ratios and everything else as the defaults
+        assert {k: v for k, v in vars(args).items() if k not in ("m_greedy", "m_target")} == \
+               {k: v for k, v in vars(defaults).items() if k not in ("m_greedy", "m_target")}
+
+
+def test_fig10_pits_categorical_only_qmle_on_the_grid_against_dqn_on_the_same_grid():
+    total = 40_000
+    args, defaults = parsed("fig10_qmle", total), q.Args()
+    # Appendix D.3: Table 1's budgets and uniform share, delta 0, the rest categorical; on the bang-off-bang grid
+    # for the whole run.
+    assert (args.m_greedy, args.m_target, args.rho_uniform) == (defaults.m_greedy, defaults.m_target,
+                                                                defaults.rho_uniform)
+    assert args.rho_delta == 0 and args.rho_categorical == pytest.approx(1 - defaults.rho_uniform)
+    assert args.num_bins == 3 and args.discrete_steps >= total
+    (dqn,) = [v for v in ablations.FIGURES[10].variants if v.exp_name == "fig10_dqn"]
+    assert dqn.script == "dqn_grid.py" and os.path.isfile(os.path.join(ROOT, dqn.script))
+
+
+def test_fig12_runs_the_grid_throughout_the_box_throughout_and_the_grid_for_the_first_half():
+    total = 60_000
+    assert parsed("fig12_discrete", total).discrete_steps >= total
+    assert parsed("fig12_continuous", total).discrete_steps == 0
+    assert parsed("fig12_curriculum", total).discrete_steps == 30_000
+
+
+def test_every_command_is_a_real_run_of_its_script():
+    args = tyro.cli(ablations.Mode, args=["print", "--seeds", "1", "2", "--total-timesteps", "5000"])
+    runs = ablations.planned(args)
+    figures = ablations.FIGURES.values()
+    assert len(runs) == sum(len(f.variants) * len(f.tasks) * 2 for f in figures)
+    for cmd, log in runs:
+        assert os.path.isfile(cmd[1]) and cmd[cmd.index("--total-timesteps") + 1] == "5000"
+        exp, env_id, seed = log[: -len(".log")].split("__")
+        assert (cmd[cmd.index("--exp-name") + 1], cmd[cmd.index("--env-id") + 1], cmd[cmd.index("--seed") + 1]) == \
+               (exp, env_id, seed)
+    paper = ablations.planned(tyro.cli(ablations.Mode, args=["print", "--figures", "10", "--paper-tasks"]))
+    assert {cmd[cmd.index("--env-id") + 1] for cmd, _ in paper} >= {"finger-spin", "walker-walk", "dog-walk"}
+
+
+@pytest.mark.parametrize("relation, first, second, outcome", [
+    # means 12 and 10, standard errors 1 and 1: difference 2 ± 1.41, within two standard errors
+    ("better", [11, 13], [9, 11], "cannot be told apart at this scale"),
+    ("better", [14, 16], [9, 11], "held"),  # +5 ± 1.41
+    ("better", [4, 6], [9, 11], "did not hold"),
+    ("similar", [11, 13], [9, 11], "held"),
+    ("similar", [14, 16], [9, 11], "did not hold"),
+    ("not worse", [8, 10], [9, 11], "held"),  # -1 ± 1.41
+    ("not worse", [4, 6], [9, 11], "did not hold"),
+])
+def test_a_verdict_is_two_standard_errors_of_the_difference(relation, first, second, outcome):
+    claim = ablations.Claim("claim", "a", "b", relation, "whole run")
+    verdict, diff, se = ablations.verdict(claim, first, second)
+    assert verdict == outcome
+    assert diff == pytest.approx(sum(first) / 2 - sum(second) / 2) and se == pytest.approx(2 ** 0.5)
+
+
+def test_report_writes_each_figures_table_verdict_and_plot_and_rereads_them_without_runs(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for seed in (1, 2, 3):  # the amortised variant ahead by 50 at every episode
+        write_run(str(runs), "walker-walk", "fig8_amortised", seed, [100.0 + 50 + seed + i for i in range(20)])
+        write_run(str(runs), "walker-walk", "fig8_uniform", seed, [100.0 + seed + i for i in range(20)])
+    args = ablations.Report(figures=[8], runs_dir=str(runs), output_dir=str(out))
+    page = ablations.report_figure(ablations.FIGURES[8], args)
+    # whole run: the mean of 100 + seed + 0..19 is 109.5 + seed: 110.5, 111.5, 112.5 -> 111.5 ± 0.6
+    assert "| walker-walk | uniform sampling alone (ρ_uniform = 1, no cached arg-max) | 3 | 20000 | 111.5 ± 0.6 |" in page
+    assert "| walker-walk | delta predictor (ρ_uniform = ρ_delta = 0.5) | 3 | 20000 | 161.5 ± 0.6 |" in page
+    assert "walker-walk, whole run: amortised maximisation improves performance" in page
+    assert "**held**" in page and "difference +50.0 ± 0.8" in page
+    assert open(out / "fig8.md").read() == page
+    assert os.path.getsize(out / "fig8.png") > 10_000 and not os.path.exists(out / ".fig8")
+    # The committed CSV alone gives the same page once the runs are gone.
+    gone = ablations.Report(figures=[8], runs_dir=str(tmp_path / "gone"), output_dir=str(out))
+    assert ablations.report_figure(ablations.FIGURES[8], gone) == page
+    assert ablations.report_figure(ablations.FIGURES[9], gone) == ""  # nothing run: no page
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["run", "--figures", "7"], "--figures: no figure 7; the ablations are figures 8, 9, 10, 12"),
+    (["print", "--seeds", "nan"], "--seeds: expected a whole number, got 'nan'"),
+    (["run", "--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["print", "--total-timesteps", "0"], "--total-timesteps must be >= 1, got 0"),
+    (["print", "--paper-tasks", "--env-ids", "walker-walk"], "--env-ids and --paper-tasks both name the tasks; give one"),
+])
+def test_bad_flags_of_the_ablations_runner_give_one_line(flags, message):
+    result = run_script(os.path.join("benchmarks", "ablations.py"), *flags)
+    assert result.returncode == 1 and result.stderr.strip() == f"error: {message}"
+
+
+def test_the_launcher_runs_every_command_into_its_own_log_jobs_at_a_time(tmp_path):
+    runs = tmp_path / "runs"
+    cmds = [[sys.executable, "-c", f"import os; print({i}, os.getcwd())"] for i in range(3)]
+    logs = [str(runs / "logs" / f"{i}.log") for i in range(3)]
+    ablations.learning.launch(cmds, logs, jobs=2, pin_cores=False, runs_dir=str(runs))
+    # each from the runs folder's parent, so that the runs' own runs/ is this one
+    assert [open(log).read() for log in logs] == [f"{i} {tmp_path}\n" for i in range(3)]
