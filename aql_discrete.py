@@ -765,7 +765,7 @@ def main(args: Args) -> None:
 
     if args.load_model is not None:  # the run's own evaluation seeds and search, unless given here
         restore_signals()  # an evaluation has nothing to save: Ctrl-C stops it at once
-        evaluation(restore(params, saved, "--load-model"), args.load_model)
+        evaluation(restore(params, saved, "--load-model"), f"{args.load_model} on {args.env_id}")  # which task: said
         return
 
     run_dir = args.resume.rstrip("/") if args.resume else new_run_dir(args)

@@ -334,7 +334,8 @@ def test_a_run_on_pendulum_logs_stores_its_transitions_resumes_and_saves_a_model
     capsys.readouterr()
     dqn.main(dqn.Args(load_model=model_path, xla_cache=""))  # what --load-model runs
     # The run's own evaluation seed: the saved model scores what the run logged at its end.
-    assert capsys.readouterr().out == f"{model_path}  greedy evaluation return {last_eval:.1f} over 1 episode(s)\n"
+    assert capsys.readouterr().out == (f"{model_path} on Pendulum-v1  greedy evaluation return {last_eval:.1f} over 1 "
+                                       "episode(s)\n")
     with pytest.raises(SystemExit) as exit_info:
         dqn.main(dqn.Args(env_id="cartpole-swingup", load_model=model_path))
     assert str(exit_info.value) == ("error: --load-model: --env-id 'cartpole-swingup' differs from the saved run's "

@@ -434,6 +434,8 @@ def test_smoke_run_writes_metrics_and_a_model_that_loads(tmp_path):
     assert meta["script"] == "qmle_dmc.py" and meta["args"]["env_id"] == "cartpole-swingup"
     evaluation = run_script("qmle_dmc.py", "--load-model", model_path, cwd=tmp_path)  # its task and settings
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    # the task comes from the model (--env-id given at its default cannot be told from none given): it is named
+    assert f"{model_path} on cartpole-swingup  greedy evaluation return" in evaluation.stdout
     # The run's own evaluation seeds and budget: the saved model scores what the run logged at its end.
     assert f"greedy evaluation return {evaluations[-1]:.1f} over 1 episode(s)" in evaluation.stdout
     for flags, message in [(["--env-id", "cartpole-balance"], "--env-id 'cartpole-balance' differs from the saved "

@@ -586,7 +586,8 @@ def test_smoke_run_writes_metrics_and_a_model_that_loads_and_its_seed_reproduces
     capsys.readouterr()
     w.main(w.Args(load_model=model_path, xla_cache=""))  # its task, grid and k, and the run's eval seeds
     # the saved model scores what the run logged at its end
-    assert f"{model_path}  greedy evaluation return {evaluations[-1]:.1f} over 1 episode(s)" in capsys.readouterr().out
+    assert f"{model_path} on Pendulum-v1  greedy evaluation return {evaluations[-1]:.1f} over 1 episode(s)" in \
+        capsys.readouterr().out
     assert len(glob.glob(str(tmp_path / "again" / "runs" / "*"))) == 1  # evaluating started no run
     for flags, message in [(["--max-actions", "500"], "--max-actions 500 differs from the saved run's 1000"),
                            (["--k", "7"], "--k 7 differs from the saved run's None"),
