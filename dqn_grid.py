@@ -247,14 +247,16 @@ def available_memory() -> tuple:
         return physical, f"this machine has {bytes_text(physical)}"
 
 
-def check_head(env_id: str, num_dims: int, batch_size: int) -> None:
-    """Refuse, before anything is allocated, a head that does not fit in the memory the run has; warn of a large one."""
+def check_head(env_id: str, num_dims: int, batch_size: int, replay_bytes: int = 0) -> None:
+    """Refuse, before anything is allocated, a head that does not fit in the memory the run has beside its replay
+    memory (`replay_bytes`, full); warn of a large one."""
     outputs, need = BINS ** num_dims, head_bytes(num_dims, batch_size)
     have, where = available_memory()
     head = f"its 3^{num_dims} = {f'{outputs:,}' if outputs < 10**9 else f'{outputs:.3g}'}-output head"
-    if need > have:
-        fail(f"{env_id} has {num_dims} action dimensions: {head} would need {bytes_text(need)} of memory ({where}); "
-             "DQN on the bang-off-bang grid is intractable here, use qmle_dmc.py")
+    if need + replay_bytes > have:
+        beside = f" beside the replay memory's {bytes_text(replay_bytes)}" if replay_bytes else ""
+        fail(f"{env_id} has {num_dims} action dimensions: {head} would need {bytes_text(need)} of memory{beside} "
+             f"({where}); DQN on the bang-off-bang grid is intractable here, use qmle_dmc.py")
     if outputs > LARGE_HEAD:
         print(f"warning: {env_id} has {num_dims} action dimensions: {head} takes about {bytes_text(need)} in "
               f"training ({where}); every step reads all of it and every update several times over, so expect a few "
@@ -607,7 +609,10 @@ def main(args: Args) -> None:
     action_dim = env.action_space.shape[0]
     example_obs, _ = env.reset(seed=args.seed)
     env.close()
-    check_head(args.env_id, action_dim, args.batch_size)  # before the head, or anything else, is allocated
+    # Before the head, or anything else, is allocated; a full replay memory holds obs, next_obs, action, reward and
+    # terminated (4 bytes each) per transition.
+    replay_bytes = 0 if args.load_model else args.buffer_size * 4 * (2 * example_obs.size + 3)
+    check_head(args.env_id, action_dim, args.batch_size, replay_bytes)
     envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)
     model = QNetwork(action_dim)
     key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))

@@ -195,6 +195,13 @@ def warn_of_empty_sources(args: Args, greedy_budget: "Budget", target_budget: "B
                       f"{share:g}", file=sys.stderr)
 
 
+def acted_on_grid(global_step: int, args: Args) -> bool:
+    """Whether the last environment step before `global_step` acted on the bin grid (the curriculum's first phase,
+    --discrete-steps), so that an evaluation there judges the policy that was trained: a run on the grid throughout
+    (Fig. 10, Fig. 12's discrete arm) is evaluated on the grid at its end too."""
+    return max(global_step - args.num_envs, 0) < args.discrete_steps
+
+
 def flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -786,7 +793,8 @@ def main(args: Args) -> None:
 
     if args.load_model is not None:  # the run's own evaluation seeds and budget, unless given here
         restore_signals()  # an evaluation has nothing to save: Ctrl-C stops it at once
-        evaluation(restore(params, saved, "--load-model"), f"{args.load_model} on {args.env_id}")  # which task: said
+        evaluation(restore(params, saved, "--load-model"), f"{args.load_model} on {args.env_id}",  # which task: said
+                   acted_on_grid(meta.get("global_step", 0), args))
         return
 
     run_dir = args.resume.rstrip("/") if args.resume else new_run_dir(args)
@@ -913,7 +921,7 @@ def main(args: Args) -> None:
     if outcome == "finished" and args.eval_frequency:
         video_dir = os.path.join(run_dir, "videos", f"step{global_step}") if args.capture_video else None
         logger.log(global_step, {"eval/episodic_return": evaluation(
-            state.params, f"step {global_step:>8}", global_step < args.discrete_steps, video_dir)})
+            state.params, f"step {global_step:>8}", acted_on_grid(global_step, args), video_dir)})
     logger.close()
     envs.close()
     if wandb_run is not None:

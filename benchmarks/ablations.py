@@ -49,7 +49,7 @@ class Claim:
     relation: str
     """'better' (first above second), 'similar' or 'not worse' (first not below second)"""
     column: str
-    """'whole run' (learning speed) or 'last 10 episodes' (the level reached)"""
+    """'whole run' (learning speed) or 'last episodes' (the level reached: the last --last-episodes)"""
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ FIGURES = {f.number: f for f in [
             Variant("fig8_uniform", "uniform sampling alone (ρ_uniform = 1, no cached arg-max)", "qmle_dmc.py",
                     f"{BUDGET_2} --rho-uniform 1 --rho-delta 0 --rho-categorical 0 --grid-fraction 0 "
                     "--no-cache-argmax")),
-           (Claim("amortised maximisation improves performance, the more so the larger the action space",
+           (Claim("amortised maximisation (the delta predictor and the cached arg-max) learns faster than uniform "
+                  "sampling alone",
                   "fig8_amortised", "fig8_uniform", "better", "whole run"),),
            "Appendix D.1, Fig. 8"),
     Figure(9, "Sampling budgets 2 against 1000 (Table 1's ratios)",
@@ -97,8 +98,8 @@ FIGURES = {f.number: f for f in [
                     "--rho-uniform 0.9 --rho-delta 0 --rho-categorical 0.1 --discrete-steps {total}"),
             Variant("fig10_dqn", "DQN (action-out, 3^D outputs, exact max)", "dqn_grid.py", "")),
            (Claim("where DQN is tractable, both reach similar final performance", "fig10_qmle", "fig10_dqn",
-                  "similar", "last 10 episodes"),
-            Claim("QMLE is the more sample-efficient, as its action-in network generalises across actions",
+                  "similar", "last episodes"),
+            Claim("QMLE is the more sample-efficient (the paper credits its action-in network's generalisation)",
                   "fig10_qmle", "fig10_dqn", "better", "whole run")),
            "Appendix D.3, Fig. 10"),
     Figure(12, "Curriculum: the bang-off-bang grid first, then the continuous box",
@@ -111,7 +112,7 @@ FIGURES = {f.number: f for f in [
            # The paper shows the switch as a capability (a preliminary experiment), not as a gain.
            (Claim("QMLE can move from the grid to the continuous box without losing what it learned: the curriculum "
                   "ends no lower than continuous-only", "fig12_curriculum", "fig12_continuous", "not worse",
-                  "last 10 episodes"),),
+                  "last episodes"),),
            "Appendix E.3, Fig. 12"),
 ]}
 
@@ -165,7 +166,9 @@ class Report(Selection):
     output_dir: str = OUTPUT_DIR
     """where the figures' pages, plots and curves go"""
     last_episodes: int = 10
-    """episodes averaged at the end of each run"""
+    """episodes averaged at the end of each run (the 'last episodes' column)"""
+    min_steps: int = 0
+    """leave out runs that have not reached this many steps (e.g. runs still going)"""
 
 
 Mode = Union[Annotated[Listing, tyro.conf.subcommand("list")], Annotated[Run, tyro.conf.subcommand("run")],
@@ -204,16 +207,32 @@ def planned(args: Grid) -> List[Tuple[List[str], str]]:
     return runs
 
 
+def costs(runs: List[Tuple[List[str], str]]) -> List[str]:
+    """What makes some of the planned runs far slower than a default run of qmle_dmc.py, said before they start."""
+    exps = {log.split("__")[0] for _, log in runs}
+    dqn_tasks = {log.split("__")[1] for _, log in runs if log.startswith("fig10_dqn__")}
+    warnings = []
+    if "fig9_m1000" in exps:
+        warnings.append("fig9_m1000 searches 1000 candidates per replayed state, 10 times the default target budget: "
+                        "its runs take several times as long as a default run")
+    if dqn_tasks & {"quadruped-walk", "humanoid-walk", "dog-walk"}:
+        warnings.append("dqn_grid.py runs quadruped-walk (3^12 outputs) at about 1 step/s on a CPU and refuses "
+                        "humanoid-walk and dog-walk where their heads do not fit (docs/dqn_grid.md)")
+    return warnings
+
+
 def verdict(claim: Claim, first: List[float], second: List[float]) -> Tuple[str, float, float]:
     """'held', 'did not hold' or 'cannot be told apart at this scale', from the difference of the two variants'
     means and its standard error (each variant's over its seeds, added in quadrature); two standard errors decide.
     Returns the verdict, the difference and its standard error."""
     sem = lambda v: np.std(v, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else math.inf  # noqa: E731
     diff, se = float(np.mean(first) - np.mean(second)), float(math.hypot(sem(first), sem(second)))
-    if claim.relation == "similar":
-        outcome = "held" if abs(diff) <= 2 * se else "did not hold"
+    if min(len(first), len(second)) < 2:  # one seed has no spread to judge a difference by
+        outcome = "cannot be told apart at this scale"
+    elif claim.relation == "similar":  # not a proof of equality: no difference beyond the seeds' spread
+        outcome = "held (no difference beyond two standard errors)" if abs(diff) <= 2 * se else "did not hold"
     elif claim.relation == "not worse":
-        outcome = "held" if diff >= -2 * se else "did not hold"
+        outcome = "held (not behind by more than two standard errors)" if diff >= -2 * se else "did not hold"
     else:
         outcome = "held" if diff > 2 * se else "did not hold" if diff < -2 * se else "cannot be told apart at this scale"
     return outcome, diff, se
@@ -224,7 +243,7 @@ def run_values(points: list, steps: int, last_episodes: int) -> dict:
     return {"whole run": learning.window_mean(points, 0, steps),
             "first half": learning.window_mean(points, 0, steps / 2),
             "second half": learning.window_mean(points, steps / 2, steps),
-            "last 10 episodes": float(np.mean([r for s, r in points if s <= steps][-last_episodes:]))}
+            "last episodes": float(np.mean([r for s, r in points if s <= steps][-last_episodes:]))}
 
 
 def report_figure(figure: Figure, args: Report) -> str:
@@ -238,26 +257,29 @@ def report_figure(figure: Figure, args: Report) -> str:
     scratch = os.path.join(args.output_dir, f".fig{figure.number}")
     with contextlib.redirect_stdout(io.StringIO()):
         learning.report(learning.Report(exp_names=names, runs_dir=args.runs_dir, labels=labels, release_curves="",
-                                        curves=[csv_path] if os.path.isfile(csv_path) else [], output_dir=scratch))
+                                        curves=[csv_path] if os.path.isfile(csv_path) else [], output_dir=scratch,
+                                        last_episodes=args.last_episodes, min_steps=args.min_steps))
     curves = learning.read_curves(os.path.join(scratch, "learning_curves.csv"))
     os.replace(os.path.join(scratch, "learning_curves.csv"), csv_path)
     os.replace(os.path.join(scratch, "learning_curves.png"), os.path.join(args.output_dir, f"fig{figure.number}.png"))
     os.rmdir(scratch)
 
-    columns = ["whole run", "first half", "second half", "last 10 episodes"]
+    columns = ["whole run", "first half", "second half", "last episodes"]
     lines = [f"# Fig. {figure.number}: {figure.title}", "",
-             f"The paper: {figure.source}. Returns are each run's mean training episodic return over the window, then "
-             "mean ± standard error over seeds.", "",
+             f"The paper: {figure.source}. Returns are each run's mean training episodic return over the window (the "
+             f"last episodes: its last {args.last_episodes}), then mean ± standard error over seeds; every variant of a "
+             "task is judged over the same steps.", "",
              f"| task | variant | seeds | steps | {' | '.join(columns)} |", "|---|---|---|---|" + "---|" * len(columns)]
     per_run, values = [], {}
     label = {v.exp_name: v.label for v in figure.variants}
     env_ids = sorted({env for runs in curves.values() for env, _ in runs})
     for env_id in env_ids:
+        # every variant of a task judged over the same steps, those of its shortest run
+        steps = min(pts[-1][0] for runs in curves.values() for (env, _), pts in runs.items() if env == env_id)
         for name in names:
             runs = {seed: pts for (env, seed), pts in sorted(curves.get(name, {}).items()) if env == env_id}
             if not runs:
                 continue
-            steps = min(pts[-1][0] for pts in runs.values())
             table = {seed: run_values(pts, steps, args.last_episodes) for seed, pts in runs.items()}
             values[(env_id, name)] = {c: [t[c] for t in table.values()] for c in columns}
             lines.append(f"| {env_id} | {label[name]} | {len(runs)} | {steps} | "
@@ -297,6 +319,9 @@ def main(args) -> None:
         print("\n".join(shlex.join(cmd) for cmd, _ in planned(args)))
     elif isinstance(args, Run):
         runs = planned(args)
+        print(f"{len(runs)} runs of {args.total_timesteps} steps, {args.jobs} at a time", flush=True)
+        for warning in costs(runs):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         learning.launch([cmd for cmd, _ in runs], [os.path.join(args.runs_dir, "logs", log) for _, log in runs],
                         args.jobs, args.pin_cores, args.runs_dir)
     else:

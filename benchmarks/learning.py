@@ -180,6 +180,7 @@ def launch(cmds: List[List[str]], logs: List[str], jobs: int, pin_cores: bool, r
     os.makedirs(os.path.join(runs_dir, "logs"), exist_ok=True)
     # Runs that share one GPU must not each take most of its memory up front (JAX's default).
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false") if jobs > 1 else None
+    started = []
     while todo or running:
         running = [p for p in running if p.poll() is None]
         while todo and len(running) < jobs:
@@ -188,7 +189,13 @@ def launch(cmds: List[List[str]], logs: List[str], jobs: int, pin_cores: bool, r
             print(f"starting ({log}): {shlex.join(cmd)}", flush=True)
             running.append(subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
                                             cwd=os.path.dirname(os.path.abspath(runs_dir))))
+            started.append((running[-1], log))
         time.sleep(1)
+    failed = [(p.returncode, log) for p, log in started if p.returncode != 0]
+    for code, log in failed:  # a refused or crashed run is said at the end, not only in its log
+        last = (open(log).read().strip().splitlines() or ["(nothing written)"])[-1]
+        print(f"failed (exit status {code}), {log}: {last}", flush=True)
+    print(f"{len(started) - len(failed)} of {len(started)} runs finished", flush=True)
 
 
 def read_metric(runs_dir: str, exp: str, column: str) -> dict:

@@ -86,9 +86,9 @@ def test_every_command_is_a_real_run_of_its_script():
     ("better", [11, 13], [9, 11], "cannot be told apart at this scale"),
     ("better", [14, 16], [9, 11], "held"),  # +5 ± 1.41
     ("better", [4, 6], [9, 11], "did not hold"),
-    ("similar", [11, 13], [9, 11], "held"),
+    ("similar", [11, 13], [9, 11], "held (no difference beyond two standard errors)"),
     ("similar", [14, 16], [9, 11], "did not hold"),
-    ("not worse", [8, 10], [9, 11], "held"),  # -1 ± 1.41
+    ("not worse", [8, 10], [9, 11], "held (not behind by more than two standard errors)"),  # -1 ± 1.41
     ("not worse", [4, 6], [9, 11], "did not hold"),
 ])
 def test_a_verdict_is_two_standard_errors_of_the_difference(relation, first, second, outcome):
@@ -96,6 +96,13 @@ def test_a_verdict_is_two_standard_errors_of_the_difference(relation, first, sec
     verdict, diff, se = ablations.verdict(claim, first, second)
     assert verdict == outcome
     assert diff == pytest.approx(sum(first) / 2 - sum(second) / 2) and se == pytest.approx(2 ** 0.5)
+
+
+@pytest.mark.parametrize("relation", ["better", "similar", "not worse"])
+def test_one_seed_cannot_tell_two_variants_apart(relation):
+    claim = ablations.Claim("claim", "a", "b", relation, "whole run")
+    assert ablations.verdict(claim, [50.0], [10.0, 11.0])[0] == "cannot be told apart at this scale"
+    assert ablations.verdict(claim, [10.0, 11.0], [10.5])[0] == "cannot be told apart at this scale"
 
 
 def test_report_writes_each_figures_table_verdict_and_plot_and_rereads_them_without_runs(tmp_path):
@@ -108,7 +115,8 @@ def test_report_writes_each_figures_table_verdict_and_plot_and_rereads_them_with
     # whole run: the mean of 100 + seed + 0..19 is 109.5 + seed: 110.5, 111.5, 112.5 -> 111.5 ± 0.6
     assert "| walker-walk | uniform sampling alone (ρ_uniform = 1, no cached arg-max) | 3 | 20000 | 111.5 ± 0.6 |" in page
     assert "| walker-walk | delta predictor (ρ_uniform = ρ_delta = 0.5) | 3 | 20000 | 161.5 ± 0.6 |" in page
-    assert "walker-walk, whole run: amortised maximisation improves performance" in page
+    assert "walker-walk, whole run: amortised maximisation (the delta predictor and the cached arg-max) learns faster" \
+        in page
     assert "**held**" in page and "difference +50.0 ± 0.8" in page
     assert open(out / "fig8.md").read() == page
     assert os.path.getsize(out / "fig8.png") > 10_000 and not os.path.exists(out / ".fig8")
@@ -130,10 +138,37 @@ def test_bad_flags_of_the_ablations_runner_give_one_line(flags, message):
     assert result.returncode == 1 and result.stderr.strip() == f"error: {message}"
 
 
-def test_the_launcher_runs_every_command_into_its_own_log_jobs_at_a_time(tmp_path):
+def test_the_launcher_runs_every_command_into_its_own_log_jobs_at_a_time_and_names_the_failed(tmp_path, capsys):
     runs = tmp_path / "runs"
     cmds = [[sys.executable, "-c", f"import os; print({i}, os.getcwd())"] for i in range(3)]
-    logs = [str(runs / "logs" / f"{i}.log") for i in range(3)]
+    cmds.append([sys.executable, "-c", "raise SystemExit('error: refused')"])
+    logs = [str(runs / "logs" / f"{i}.log") for i in range(4)]
     ablations.learning.launch(cmds, logs, jobs=2, pin_cores=False, runs_dir=str(runs))
     # each from the runs folder's parent, so that the runs' own runs/ is this one
-    assert [open(log).read() for log in logs] == [f"{i} {tmp_path}\n" for i in range(3)]
+    assert [open(log).read() for log in logs[:3]] == [f"{i} {tmp_path}\n" for i in range(3)]
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == [f"failed (exit status 1), {logs[3]}: error: refused", "3 of 4 runs finished"]
+
+
+def test_run_warns_of_the_runs_that_cost_far_more_than_a_default_run():
+    here = ablations.planned(tyro.cli(ablations.Mode, args=["run", "--figures", "8", "12"]))
+    assert ablations.costs(here) == []
+    budget = ablations.costs(ablations.planned(tyro.cli(ablations.Mode, args=["run", "--figures", "9"])))
+    assert len(budget) == 1 and "fig9_m1000" in budget[0]
+    paper = ablations.costs(ablations.planned(tyro.cli(ablations.Mode, args=["run", "--figures", "10",
+                                                                             "--paper-tasks"])))
+    assert len(paper) == 1 and "quadruped-walk" in paper[0]
+
+
+def test_every_variant_of_a_task_is_judged_over_the_steps_of_its_shortest_run(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        write_run(str(runs), "cartpole-swingup", "fig8_amortised", seed, [100.0 * seed + i for i in range(20)])
+    write_run(str(runs), "cartpole-swingup", "fig8_uniform", 1, [10.0 + i for i in range(20)])
+    write_run(str(runs), "cartpole-swingup", "fig8_uniform", 2, [20.0 + i for i in range(8)])  # stopped at 8k
+    page = ablations.report_figure(ablations.FIGURES[8], ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path)))
+    # both variants over 0-8k: amortised 103.5 and 203.5, uniform 13.5 and 23.5 (one seed would say 19.5 over 20k)
+    assert "| cartpole-swingup | delta predictor (ρ_uniform = ρ_delta = 0.5) | 2 | 8000 | 153.5 ± 50.0 |" in page
+    assert "| cartpole-swingup | uniform sampling alone (ρ_uniform = 1, no cached arg-max) | 2 | 8000 | 18.5 ± 5.0 |" in page
+    left_out = ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path / "min"), min_steps=10_000)
+    assert "| 1 | 20000 | 19.5 |" in ablations.report_figure(ablations.FIGURES[8], left_out)

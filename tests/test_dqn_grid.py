@@ -229,12 +229,23 @@ def test_a_head_over_the_memory_is_refused_and_a_large_one_warned_of(monkeypatch
         "memory (this machine has 8 GiB available); DQN on the bang-off-bang grid is intractable here, use qmle_dmc.py")
 
 
+def test_the_replay_memory_counts_against_what_the_head_may_take(monkeypatch):
+    monkeypatch.setattr(dqn, "available_memory", lambda: (8 * 2**30, "this machine has 8 GiB available"))
+    dqn.check_head("quadruped-walk", 12, 256, replay_bytes=2**30)  # 4.1 + 1 GiB: fits
+    with pytest.raises(SystemExit) as exit_info:
+        dqn.check_head("quadruped-walk", 12, 256, replay_bytes=4 * 2**30)  # 4.1 + 4 GiB: does not
+    assert str(exit_info.value) == (
+        "error: quadruped-walk has 12 action dimensions: its 3^12 = 531,441-output head would need 4.1 GiB of memory "
+        "beside the replay memory's 4 GiB (this machine has 8 GiB available); DQN on the bang-off-bang grid is "
+        "intractable here, use qmle_dmc.py")
+
+
 def test_dog_walk_is_refused_with_one_line_before_anything_starts(tmp_path):
     result = run_script("dqn_grid.py", "--env-id", "dog-walk", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: dog-walk has 38 action dimensions: its 3^38 = 1.35e+18-output head would need "
-                           "9.4 ZiB of memory (this machine has ")
+                           "9.4 ZiB of memory beside the replay memory's 1.7 GiB (this machine has ")
     assert line.endswith("); DQN on the bang-off-bang grid is intractable here, use qmle_dmc.py")
     assert result.stdout == "" and not os.path.exists(tmp_path / "runs")
 

@@ -457,6 +457,17 @@ def train_in_process(directory, monkeypatch, **overrides):
     return run_in_process(q, directory, monkeypatch, **dict(FAST, **overrides))
 
 
+def test_an_evaluation_at_the_end_judges_the_phase_the_last_step_acted_in():
+    grid_throughout = q.Args(discrete_steps=100_000)
+    assert q.acted_on_grid(100_000, grid_throughout)  # its last step, 99,999, was on the grid
+    half = q.Args(discrete_steps=50_000)
+    assert q.acted_on_grid(50_000, half) and not q.acted_on_grid(50_001, half) and not q.acted_on_grid(100_000, half)
+    four = q.Args(discrete_steps=100, num_envs=4)  # a vector step from 96 covers 96..99, from 100 is continuous
+    assert q.acted_on_grid(100, four) and not q.acted_on_grid(104, four)
+    assert not any(q.acted_on_grid(step, q.Args()) for step in (0, 1, 100_000))  # no curriculum: never
+    assert q.acted_on_grid(0, half)  # a model saved before its first step would have started on the grid
+
+
 def test_transitions_periods_curriculum_and_resume_on_a_time_limited_task(tmp_path, monkeypatch):
     # Pendulum-v1 ends every 200 steps by its time limit; the grid phase lasts 150 steps; targets copy every 400.
     # The run stops at 400, resumes to 600 and then to 700: each stop but the last at an episode's end, since a
