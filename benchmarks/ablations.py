@@ -202,8 +202,7 @@ def planned(args: Grid) -> List[Tuple[List[str], str]]:
             grid = learning.Grid(env_ids=list(tasks(FIGURES[number], args)), seeds=args.seeds,
                                  total_timesteps=args.total_timesteps, script=variant.script,
                                  exp_name=variant.exp_name, extra=flags_of(variant, args.total_timesteps))
-            runs += [(cmd, f"{variant.exp_name}__{cmd[cmd.index('--env-id') + 1]}__{cmd[cmd.index('--seed') + 1]}.log")
-                     for cmd in learning.commands(grid)]
+            runs += [(cmd, learning.log_name(variant.exp_name, cmd)) for cmd in learning.commands(grid)]
     return runs
 
 

@@ -168,10 +168,15 @@ def commands(args: Grid) -> List[List[str]]:
             for env_id in args.env_ids for seed in args.seeds]
 
 
+def log_name(exp: str, cmd: List[str]) -> str:
+    """{exp}__{env_id}__{seed}.log: where a training command's console goes, under runs/logs/."""
+    return f"{exp}__{cmd[cmd.index('--env-id') + 1]}__{cmd[cmd.index('--seed') + 1]}.log"
+
+
 def run(args: Run) -> None:
-    logs = [os.path.join(args.runs_dir, "logs", f"{exp_name(args)}__{cmd[cmd.index('--env-id') + 1]}__"
-                         f"{cmd[cmd.index('--seed') + 1]}.log") for cmd in commands(args)]
-    launch(commands(args), logs, args.jobs, args.pin_cores, args.runs_dir)
+    cmds = commands(args)
+    launch(cmds, [os.path.join(args.runs_dir, "logs", log_name(exp_name(args), cmd)) for cmd in cmds], args.jobs,
+           args.pin_cores, args.runs_dir)
 
 
 def launch(cmds: List[List[str]], logs: List[str], jobs: int, pin_cores: bool, runs_dir: str) -> None:
