@@ -30,6 +30,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, get_args, get_type_hints
 
+import flax
 import flax.linen as nn
 import gymnasium as gym
 import jax
@@ -349,8 +350,19 @@ def elu(x):
     return jnp.where(x > 0, x, jnp.exp(jnp.minimum(x, 0.0)) - 1.0)
 
 
-# PyTorch nn.Linear's default weight scale, U(+-1/sqrt(fan_in)), and zero biases: qmle_dmc.py's layers.
+# PyTorch nn.Linear's default weight scale, U(+-1/sqrt(fan_in)): qmle_dmc.py's layers (biases: pytorch_biases).
 Dense = functools.partial(nn.Dense, kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
+
+
+def pytorch_biases(params, key):
+    """Every dense layer's bias drawn from U(+-1/sqrt(fan_in)) like its weights, PyTorch's default and qmle_dmc.py's
+    (--bias-init uniform), so that Fig. 10 compares action-in with action-out, not two initialisations."""
+    flat = flax.traverse_util.flatten_dict(params)
+    biases = [path for path in flat if path[-1] == "bias" and (*path[:-1], "kernel") in flat]  # not LayerNorms'
+    for path, k in zip(biases, jax.random.split(key, len(biases))):
+        bound = flat[(*path[:-1], "kernel")].shape[0] ** -0.5
+        flat[path] = jax.random.uniform(k, flat[path].shape, minval=-bound, maxval=bound)
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 class ResidualBlock(nn.Module):
@@ -616,7 +628,7 @@ def main(args: Args) -> None:
     envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)
     model = QNetwork(action_dim)
     key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
-    params = jax.jit(model.init)(k_init, example_obs[None])  # one compile
+    params = pytorch_biases(jax.jit(model.init)(k_init, example_obs[None]), jax.random.fold_in(k_init, 1))
 
     def evaluation(params, label: str, video_dir: Optional[str] = None) -> float:
         returns = evaluate(model, params, args.env_id, args.seed + 10_000, args.eval_episodes, video_dir)

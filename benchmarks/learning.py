@@ -48,7 +48,8 @@ FREE_COLOURS = ["C5", "C6", "C8", "C9", "C7"]
 def colours_of(names: list) -> dict:
     """{experiment: colour}: its system's colour, or the next free one for a variant (in the order given)."""
     systems = {name: next((s for s, pattern in SYSTEMS.items() if re.fullmatch(pattern, name)), None) for name in names}
-    free = itertools.cycle(FREE_COLOURS)
+    shown = {COLOURS[s] for s in systems.values() if s}  # then the colours of systems this figure does not show
+    free = itertools.cycle([c for c in FREE_COLOURS + list(COLOURS.values()) if c not in shown | {"black", "grey"}])
     return {name: COLOURS[systems[name]] if systems[name] else next(free) for name in names}
 
 

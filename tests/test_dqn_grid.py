@@ -1,6 +1,7 @@
 """dqn_grid.py: its parts against independent computations, then whole runs judged by what they write."""
 
 import csv
+import functools
 import itertools
 import os
 
@@ -24,7 +25,24 @@ def networks():
     """The model and two unlike parameter sets (online, target), so a target computed with the wrong one shows."""
     model = dqn.QNetwork(DIM)
     init = jax.jit(model.init)
-    return model, *(init(jax.random.PRNGKey(seed), jnp.zeros((1, OBS_DIM))) for seed in (0, 1))
+    return model, *(dqn.pytorch_biases(init(jax.random.PRNGKey(seed), jnp.zeros((1, OBS_DIM))), jax.random.PRNGKey(9))
+                    for seed in (0, 1))
+
+
+def test_dense_biases_start_as_pytorch_s_and_qmle_dmc_s(networks):
+    """U(+-1/sqrt(fan_in)) per dense layer, as nn.Linear and qmle_dmc.py's --bias-init uniform; LayerNorms at zero."""
+    _, params, _ = networks
+    layers = params["params"]
+    drawn = {"obs_embed": OBS_DIM, "joint_in": 128, "joint_out": 256, "q_head": 256}
+    drawn.update({f"obs_block/{d}": 128 for d in ("Dense_0", "Dense_1")})
+    for name, fan_in in drawn.items():
+        layer = functools.reduce(lambda tree, key: tree[key], name.split("/"), layers)
+        assert layer["kernel"].shape[0] == fan_in, name
+        assert 0 < float(jnp.abs(layer["bias"]).max()) <= fan_in ** -0.5, name
+        if layer["bias"].size >= 128:
+            assert float(layer["bias"].std()) == pytest.approx(fan_in ** -0.5 / np.sqrt(3), rel=0.25), name
+    for norm in ("obs_norm", "joint_norm"):
+        np.testing.assert_array_equal(layers[norm]["bias"], 0)
 
 
 @jax.jit

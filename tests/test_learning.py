@@ -23,6 +23,10 @@ def test_a_system_at_its_defaults_keeps_its_colour_under_any_experiment_name():
     # variants (16 or 4 environments) take the next free colours, none of a system's
     assert colours["qmle_n16"] != colours["qmle_n4"]
     assert not {colours["qmle_n16"], colours["qmle_n4"]} & set(learning.COLOURS.values())
+    # with only QMLE and the release shown, six variants take six colours, the absent systems' among them
+    variants = learning.colours_of(["release", "qmle_n1"] + [f"v{i}" for i in range(6)])
+    assert len({variants[f"v{i}"] for i in range(6)}) == 6
+    assert not {variants[f"v{i}"] for i in range(6)} & {"C0", "black", "grey"}
 
 
 def write_curves(path, exp_names, seeds=(1, 2, 3)):

@@ -50,6 +50,35 @@ def test_layers_start_at_pytorchs_default_scale(model_and_params):
             assert float(kernel.std()) == pytest.approx(bound / np.sqrt(3), rel=0.02), name
 
 
+def test_the_releases_init_draws_biases_and_the_joint_layer_as_one_pytorch_linear_would(model_and_params):
+    """--bias-init uniform, --joint-init whole: every dense bias from U(+-1/sqrt(fan_in)) of its layer, the split
+    joint layer's halves (one nn.Linear(256, 256) in the release) both at fan-in 256; norms and the rest as drawn."""
+    _, params = model_and_params
+    flat = {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    as_drawn = q.release_init(params, jax.random.PRNGKey(5), "zeros", "halves")
+    jax.tree.map(np.testing.assert_array_equal, as_drawn, params)  # the paper's choices change nothing
+    release = {"/".join(str(k.key) for k in path): leaf for path, leaf in
+               jax.tree_util.tree_leaves_with_path(q.release_init(params, jax.random.PRNGKey(5), "uniform", "whole"))}
+    fan_in = {"joint_in_obs": 256, "joint_in_act": 256}  # the concatenation [obs 128, action 128]
+    dense_biases = 0
+    for name, leaf in release.items():
+        layer = name.rsplit("/", 1)[0]
+        if name.endswith("kernel") and layer.split("/")[-1] in fan_in:
+            bound = fan_in[layer.split("/")[-1]] ** -0.5
+            assert float(jnp.abs(leaf).max()) <= bound
+            assert float(leaf.std()) == pytest.approx(bound / np.sqrt(3), rel=0.02), name
+            np.testing.assert_allclose(leaf, flat[name] * np.sqrt(0.5), rtol=1e-6)  # the same draw, rescaled
+        elif name.endswith("bias") and layer + "/kernel" in release:
+            dense_biases += 1
+            bound = fan_in.get(layer.split("/")[-1], release[layer + "/kernel"].shape[0]) ** -0.5
+            assert 0 < float(jnp.abs(leaf).max()) <= bound, name
+            if leaf.size >= 128:
+                assert float(leaf.std()) == pytest.approx(bound / np.sqrt(3), rel=0.25), name
+        else:  # the other kernels, the norms' scales and biases
+            np.testing.assert_array_equal(leaf, flat[name], err_msg=name)
+    assert dense_biases == 11  # 12 kernels, one of them (joint_in_act) without a bias of its own
+
+
 def test_chunked_candidate_evaluation_equals_one_pass(model_and_params):
     model, params = model_and_params
     embedding = jax.random.normal(jax.random.PRNGKey(3), (96, 128))
@@ -257,6 +286,7 @@ def test_the_refreshed_argmax_is_written_back_and_trains_the_predictors(model_an
     index = np.asarray(q.buffer_sample(buffer, jax.random.split(key)[0], 16, False, 0.2)[0])
     _, buffer, metrics = q.update(model, state, buffer, jax.tree.map(lambda x: x[:0], chunk), key,
                                   budget=q.Budget(0, 300, 0, 0), predictor_target=predictor_target,
+                                  categorical_loss="logits",
                                   **dict(UPDATE, prioritized=False))
     assert len(set(index.tolist())) == 4  # every transition was replayed and refreshed
     np.testing.assert_allclose(buffer.storage["argmax"][:4], best)
@@ -272,6 +302,33 @@ def test_the_refreshed_argmax_is_written_back_and_trains_the_predictors(model_an
     assert np.all(np.abs(np.subtract(*expected.values())) > 0.05)  # the two goals are told apart
     np.testing.assert_allclose([metrics["losses/delta_mle_loss"], metrics["losses/categorical_mle_loss"]],
                                expected[predictor_target], rtol=1e-5)
+
+
+@pytest.mark.parametrize("categorical_loss", ["logits", "softmax-twice"])
+def test_the_categorical_loss_is_the_papers_or_the_releases(model_and_params, target_params, categorical_loss):
+    """logits: cross-entropy of the head's log-softmax (the paper); softmax-twice: of the log-softmax of its
+    softmax (the release's head), which can only lie between log(e + 2) - 1 and log(e + 2) per dimension."""
+    model, params = model_and_params
+    params = jax.tree_util.tree_map_with_path(  # a categorical head far from uniform, so the losses differ
+        lambda path, x: x * 30 if "categorical_head" in jax.tree_util.keystr(path) else x, params)
+    state, buffer, chunk = make_update_inputs(model, params, target_params, 0.0)
+    chunk["argmax"] = np.array([[1.0, -1.0], [0.0, 0.0], [-1.0, 1.0], [1.0, 1.0]], np.float32)
+    buffer = q.buffer_add(buffer, chunk)
+    key = jax.random.PRNGKey(6)
+    index = np.asarray(q.buffer_sample(buffer, jax.random.split(key)[0], 16, False, 0.2)[0])
+    _, _, metrics = q.update(model, state, buffer, jax.tree.map(lambda x: x[:0], chunk), key,
+                             budget=q.Budget(0, 0, 0, 0), categorical_loss=categorical_loss,
+                             **dict(UPDATE, prioritized=False))  # empty budget: the goal is the cached arg-max
+    embedding = model.apply(params, jnp.asarray(chunk["next_obs"]), method=q.QMLENetwork.observation_stream)
+    logits = np.asarray(model.apply(params, embedding, method=q.QMLENetwork.categorical_logits), np.float64)[index]
+    log_softmax = lambda x: x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(
+        -1, keepdims=True)  # noqa: E731
+    bins = np.rint(chunk["argmax"][index] + 1).astype(int)[..., None]
+    paper = -np.take_along_axis(log_softmax(logits), bins, -1).mean()
+    release = -np.take_along_axis(log_softmax(np.exp(log_softmax(logits))), bins, -1).mean()
+    assert abs(paper - release) > 0.1 and np.log(np.e + 2) - 1 <= release <= np.log(np.e + 2)
+    np.testing.assert_allclose(metrics["losses/categorical_mle_loss"],
+                               {"logits": paper, "softmax-twice": release}[categorical_loss], rtol=1e-4)
 
 
 def test_mle_steps_move_both_predictors_toward_their_target(model_and_params, target_params):
