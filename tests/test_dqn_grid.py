@@ -25,8 +25,8 @@ def networks():
     """The model and two unlike parameter sets (online, target), so a target computed with the wrong one shows."""
     model = dqn.QNetwork(DIM)
     init = jax.jit(model.init)
-    return model, *(dqn.pytorch_biases(init(jax.random.PRNGKey(seed), jnp.zeros((1, OBS_DIM))), jax.random.PRNGKey(9))
-                    for seed in (0, 1))
+    drawn = (init(jax.random.PRNGKey(seed), jnp.zeros((1, OBS_DIM))) for seed in (0, 1))
+    return model, *(dqn.pytorch_biases(p, jax.random.PRNGKey(9 + i)) for i, p in enumerate(drawn))  # biases unlike too
 
 
 def test_dense_biases_start_as_pytorch_s_and_qmle_dmc_s(networks):

@@ -321,8 +321,7 @@ def test_the_categorical_loss_is_the_papers_or_the_releases(model_and_params, ta
                              **dict(UPDATE, prioritized=False))  # empty budget: the goal is the cached arg-max
     embedding = model.apply(params, jnp.asarray(chunk["next_obs"]), method=q.QMLENetwork.observation_stream)
     logits = np.asarray(model.apply(params, embedding, method=q.QMLENetwork.categorical_logits), np.float64)[index]
-    log_softmax = lambda x: x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(
-        -1, keepdims=True)  # noqa: E731
+    log_softmax = lambda x: x - np.logaddexp.reduce(x, axis=-1, keepdims=True)  # noqa: E731
     bins = np.rint(chunk["argmax"][index] + 1).astype(int)[..., None]
     paper = -np.take_along_axis(log_softmax(logits), bins, -1).mean()
     release = -np.take_along_axis(log_softmax(np.exp(log_softmax(logits))), bins, -1).mean()
