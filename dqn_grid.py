@@ -310,17 +310,21 @@ def buffer_add(buffer: ReplayBuffer, transitions: Any) -> ReplayBuffer:
                            size=jnp.minimum(buffer.size + n, capacity))
 
 
-def buffer_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int, prioritized: bool, beta: float):
+def buffer_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int, prioritized: bool, beta: float,
+                  stratified: bool = True):
     """Returns (indices, transitions, importance weights normalised to max 1 within the batch).
 
-    Proportional sampling is stratified: one draw from each of `batch_size` equal slices of the total.
+    Proportional sampling is stratified by default: one draw from each of `batch_size` equal slices of the
+    total, which spreads a batch over the buffer; stratified=False draws each point from the whole total
+    (Stable-Baselines, as the QMLE release does).
     """
     if not prioritized:
         index = jax.random.randint(key, (batch_size,), 0, buffer.size)
         return index, jax.tree.map(lambda s: s[index], buffer.storage), jnp.ones(batch_size, jnp.float32)
     leaves = buffer.tree.shape[0] // 2
     total = buffer.tree[1]
-    target = (jnp.arange(batch_size) + jax.random.uniform(key, (batch_size,))) * (total / batch_size)
+    uniform = jax.random.uniform(key, (batch_size,))
+    target = (jnp.arange(batch_size) + uniform) * (total / batch_size) if stratified else uniform * total
     node = jnp.ones(batch_size, jnp.int32)
     for _ in range(leaves.bit_length() - 1):
         left = buffer.tree[2 * node]

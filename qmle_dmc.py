@@ -129,6 +129,9 @@ class Args:
     importance_normalisation: Literal["batch", "buffer"] = "buffer"
     """importance weights divided by the largest any stored transition could get, from the buffer's smallest
     probability (Stable-Baselines, as the release), or by the batch's largest"""
+    prioritized_draws: Literal["stratified", "independent"] = "stratified"
+    """a batch's prioritised draws: one from each of --batch-size equal slices of the priority sum, or
+    each from the whole sum (Stable-Baselines, as the release)"""
     bias_init: Literal["zeros", "uniform"] = "uniform"
     """biases start at PyTorch's default U(+-1/sqrt(fan_in)), as in the release, or at zero"""
     joint_init: Literal["halves", "whole"] = "whole"
@@ -311,17 +314,21 @@ def buffer_add(buffer: ReplayBuffer, transitions: Any) -> ReplayBuffer:
                            size=jnp.minimum(buffer.size + n, capacity))
 
 
-def buffer_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int, prioritized: bool, beta: float):
+def buffer_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int, prioritized: bool, beta: float,
+                  stratified: bool = True):
     """Returns (indices, transitions, importance weights normalised to max 1 within the batch).
 
-    Proportional sampling is stratified: one draw from each of `batch_size` equal slices of the total.
+    Proportional sampling is stratified by default: one draw from each of `batch_size` equal slices of the
+    total, which spreads a batch over the buffer; stratified=False draws each point from the whole total
+    (Stable-Baselines, as the QMLE release does).
     """
     if not prioritized:
         index = jax.random.randint(key, (batch_size,), 0, buffer.size)
         return index, jax.tree.map(lambda s: s[index], buffer.storage), jnp.ones(batch_size, jnp.float32)
     leaves = buffer.tree.shape[0] // 2
     total = buffer.tree[1]
-    target = (jnp.arange(batch_size) + jax.random.uniform(key, (batch_size,))) * (total / batch_size)
+    uniform = jax.random.uniform(key, (batch_size,))
+    target = (jnp.arange(batch_size) + uniform) * (total / batch_size) if stratified else uniform * total
     node = jnp.ones(batch_size, jnp.int32)
     for _ in range(leaves.bit_length() - 1):
         left = buffer.tree[2 * node]
@@ -558,11 +565,12 @@ def gradient_step(model: QMLENetwork, state: QMLEState, buffer: ReplayBuffer, ke
                   budget: Budget, noise_std: float, prioritized: bool, alpha: float, beta: float,
                   priority_epsilon: float, discrete: bool = False, cache_argmax: bool = True,
                   categorical_loss: str = "logits", predictor_target: str = "cached",
-                  importance_normalisation: str = "buffer"):
+                  importance_normalisation: str = "buffer", prioritized_draws: str = "stratified"):
     """Algorithm 1's replay step: sample, refresh each transition's arg-max, write arg-maxes and priorities
     back, take one Adam step on the IS-weighted TD loss plus both predictors' MLE losses."""
     k_sample, k_target = jax.random.split(key)
-    index, batch, weights = buffer_sample(buffer, k_sample, batch_size, prioritized, beta)
+    index, batch, weights = buffer_sample(buffer, k_sample, batch_size, prioritized, beta,
+                                          stratified=prioritized_draws == "stratified")
     next_argmax, next_q, best = target_argmax(model, state.target_params, batch["next_obs"], batch["argmax"],
                                               k_target, budget, noise_std, discrete, cache_argmax)
     td_target = batch["reward"] + gamma * (1.0 - batch["terminated"]) * next_q
@@ -599,7 +607,8 @@ def gradient_step(model: QMLENetwork, state: QMLEState, buffer: ReplayBuffer, ke
 
 @functools.partial(jax.jit, donate_argnames=("buffer",), static_argnames=(
     "model", "updates", "batch_size", "budget", "noise_std", "prioritized", "alpha", "beta", "priority_epsilon",
-    "discrete", "cache_argmax", "categorical_loss", "predictor_target", "importance_normalisation"))
+    "discrete", "cache_argmax", "categorical_loss", "predictor_target", "importance_normalisation",
+    "prioritized_draws"))
 def update(model: QMLENetwork, state: QMLEState, buffer: ReplayBuffer, new_transitions, key, *, updates: int = 1,
            **settings):
     """One device call per replay period: store the transitions gathered since the last call, then take
@@ -836,7 +845,7 @@ def main(args: Args) -> None:
         budget=target_budget, noise_std=args.delta_noise_std, prioritized=args.prioritized_replay,
         alpha=args.priority_exponent, beta=args.importance_exponent, priority_epsilon=args.priority_epsilon,
         cache_argmax=args.cache_argmax, categorical_loss=args.categorical_loss, predictor_target=args.predictor_target,
-        importance_normalisation=args.importance_normalisation)
+        importance_normalisation=args.importance_normalisation, prioritized_draws=args.prioritized_draws)
 
     def checkpoint() -> str:
         return save_arrays(checkpoint_path, dict(state=state, buffer=buffer, key=key, wins=wins, pending=pending),

@@ -251,16 +251,19 @@ def test_td_errors_written_back_as_priorities_match_a_hand_computation(model_and
     assert int(buffer.size) == 4
 
 
+@pytest.mark.parametrize("draws", ["stratified", "independent"])
 @pytest.mark.parametrize("normalisation", ["batch", "buffer"])
-def test_importance_weights_scale_the_td_loss(model_and_params, target_params, normalisation):
+def test_importance_weights_scale_the_td_loss(model_and_params, target_params, normalisation, draws):
     model, params = model_and_params
     state, buffer, chunk = make_update_inputs(model, params, target_params, 0.0)
     priorities = np.array([0.05, 0.5, 2.0, 8.0], np.float32)  # unequal, so the weights are too
     buffer = q.buffer_update(q.buffer_add(buffer, chunk), jnp.arange(4), jnp.asarray(priorities), alpha=0.6)
     key = jax.random.PRNGKey(3)
-    index = np.asarray(q.buffer_sample(buffer, jax.random.split(key)[0], 16, True, 0.2)[0])  # the update's draws
+    index = np.asarray(q.buffer_sample(buffer, jax.random.split(key)[0], 16, True, 0.2,
+                                       stratified=draws == "stratified")[0])  # the update's draws
     _, _, metrics = q.update(model, state, buffer, jax.tree.map(lambda x: x[:0], chunk), key,
-                             budget=q.Budget(0, 0, 0, 0), importance_normalisation=normalisation, **UPDATE)
+                             budget=q.Budget(0, 0, 0, 0), importance_normalisation=normalisation,
+                             prioritized_draws=draws, **UPDATE)
     probability = priorities**0.6 / np.sum(priorities**0.6)
     weights = (4 * probability[index]) ** -0.2
     weights /= weights.max() if normalisation == "batch" else (4 * probability.min()) ** -0.2

@@ -45,7 +45,8 @@ def test_sum_tree_stays_consistent_with_its_leaves():
         assert tree[node] == pytest.approx(tree[2 * node] + tree[2 * node + 1], rel=1e-5)
 
 
-def test_proportional_sampling_frequencies_and_importance_weights():
+@pytest.mark.parametrize("stratified", [True, False])
+def test_proportional_sampling_frequencies_and_importance_weights(stratified):
     priorities = np.array([1.0, 2.0, 0.5, 4.0, 0.0001, 2.5, 1.0])
     alpha, beta = 0.6, 0.4
     buffer = q.buffer_init(dict(x=np.float32(0), pair=np.zeros(2, np.float32)), capacity=len(priorities))
@@ -53,7 +54,7 @@ def test_proportional_sampling_frequencies_and_importance_weights():
     buffer = q.buffer_update(buffer, jnp.arange(len(priorities)), jnp.asarray(priorities), alpha=alpha)
     expected = priorities**alpha / np.sum(priorities**alpha)
 
-    sample = jax.jit(lambda k: q.buffer_sample(buffer, k, 64, True, beta))
+    sample = jax.jit(lambda k: q.buffer_sample(buffer, k, 64, True, beta, stratified))
     counts = np.zeros(len(priorities))
     for key in jax.random.split(jax.random.PRNGKey(0), 300):
         index, batch, weights = sample(key)
@@ -62,6 +63,22 @@ def test_proportional_sampling_frequencies_and_importance_weights():
         w = (len(priorities) * expected[np.asarray(index)]) ** -beta
         np.testing.assert_allclose(weights, w / w.max(), rtol=1e-4)
     np.testing.assert_allclose(counts / counts.sum(), expected, atol=0.01)
+
+
+def test_stratified_draws_spread_a_batch_and_independent_draws_are_multinomial():
+    """Equal priorities and a batch as large as the buffer: stratified draws take every transition once;
+    independent draws repeat some, each transition's count in a batch binomial(n, 1/n), variance 1 - 1/n."""
+    n = 16
+    buffer = q.buffer_init(dict(x=np.float32(0), pair=np.zeros(2, np.float32)), capacity=n)
+    buffer = q.buffer_add(buffer, transitions(np.arange(n)))
+    keys = jax.random.split(jax.random.PRNGKey(2), 500)
+    draw = jax.jit(jax.vmap(lambda k, stratified: q.buffer_sample(buffer, k, n, True, 0.4, stratified)[0],
+                            in_axes=(0, None)), static_argnums=1)
+    for index in np.asarray(draw(keys, True)):
+        np.testing.assert_array_equal(np.sort(index), np.arange(n))
+    counts = np.stack([np.bincount(index, minlength=n) for index in np.asarray(draw(keys, False))])
+    assert counts.mean() == pytest.approx(1.0)
+    assert counts.var() == pytest.approx(1 - 1 / n, rel=0.1)  # 8000 counts: the estimate's spread is ~2%
 
 
 def test_uniform_sampling_covers_only_filled_slots_with_unit_weights():
