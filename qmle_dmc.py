@@ -119,7 +119,8 @@ class Args:
 
     # Where the authors' release differs from the paper (docs/qmle_dmc.md measures each): the defaults are the
     # release's, with which the script learns as early as the release on cartpole-swingup, but for its slip in the
-    # categorical loss, which learns no better than the paper's.
+    # categorical loss and its independent prioritised draws, which learn no better than the paper's loss and
+    # stratified draws.
     categorical_loss: Literal["logits", "softmax-twice"] = "logits"
     """logits: cross-entropy on the categorical head's logits (the paper); softmax-twice: the release's, a
     softmax before a cross-entropy that applies log-softmax again, which keeps the predictor flatter"""
