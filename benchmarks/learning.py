@@ -36,7 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_CURVES = os.path.join(ROOT, "docs", "qmle_release", "curves.csv")
 # One colour per system in every figure, whatever its experiment is called: SYSTEMS lists the names under which
 # an experiment is that system at its defaults (a full match; `qmle_n1...`: --num-envs 1 is the default).
-# Any other experiment, a variant, takes the next free colour of the figure.
+# Any other experiment, a variant, takes the next free colour of the figure, and so does a second experiment of a
+# system already shown (two runs of the defaults from different times): no two lines of a figure share a colour.
 COLOURS = {"release": "black", "qmle_dmc": "C0", "qtopt_cem": "C1", "aql": "C2", "uniformql": "C3",
            "wolpertinger": "C4", "random": "grey"}
 SYSTEMS = {"release": r"release", "qmle_dmc": r"qmle_dmc|qmle_n1(?!\d).*", "qtopt_cem": r"qtopt_cem",
@@ -46,11 +47,17 @@ FREE_COLOURS = ["C5", "C6", "C8", "C9", "C7"]
 
 
 def colours_of(names: list) -> dict:
-    """{experiment: colour}: its system's colour, or the next free one for a variant (in the order given)."""
-    systems = {name: next((s for s, pattern in SYSTEMS.items() if re.fullmatch(pattern, name)), None) for name in names}
-    shown = {COLOURS[s] for s in systems.values() if s}  # then the colours of systems this figure does not show
+    """{experiment: colour}: its system's colour for the first experiment of that system, the next free colour
+    for a variant or a later experiment of a system already shown (in the order given)."""
+    systems = {}  # system -> its first experiment, the one that wears its colour
+    for name in names:
+        system = next((s for s, pattern in SYSTEMS.items() if re.fullmatch(pattern, name)), None)
+        if system:
+            systems.setdefault(system, name)
+    owner = {name: COLOURS[system] for system, name in systems.items()}
+    shown = set(owner.values())  # then the colours of systems this figure does not show
     free = itertools.cycle([c for c in FREE_COLOURS + list(COLOURS.values()) if c not in shown | {"black", "grey"}])
-    return {name: COLOURS[systems[name]] if systems[name] else next(free) for name in names}
+    return {name: owner[name] if name in owner else next(free) for name in names}
 
 
 @dataclass

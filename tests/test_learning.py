@@ -17,8 +17,12 @@ def test_a_system_at_its_defaults_keeps_its_colour_under_any_experiment_name():
     colours = learning.colours_of(["release", "qmle_n1", "qmle_n16", "qmle_n1_gpu", "qmle_dmc", "qmle_n4", "aql",
                                    "aql_discrete", "qtopt_cem", "uniformql", "wolpertinger"])
     assert colours["release"] == "black"
-    assert colours["qmle_dmc"] == colours["qmle_n1"] == colours["qmle_n1_gpu"] == "C0"  # --num-envs 1: the default
-    assert colours["aql"] == colours["aql_discrete"] == "C2"
+    assert colours["qmle_n1"] == "C0"  # --num-envs 1: the default
+    for name in ("qmle_dmc", "qmle_n1_gpu"):  # alone, each is QMLE at its defaults and wears its colour
+        assert learning.colours_of(["release", name])[name] == "C0"
+    # beside the first, later experiments of the same system are told apart: no two lines share a colour
+    assert len(set(colours.values())) == len(colours)
+    assert colours["aql"] == learning.colours_of(["aql_discrete"])["aql_discrete"] == "C2"
     assert (colours["qtopt_cem"], colours["uniformql"], colours["wolpertinger"]) == ("C1", "C3", "C4")
     # variants (16 or 4 environments) take the next free colours, none of a system's
     assert colours["qmle_n16"] != colours["qmle_n4"]
