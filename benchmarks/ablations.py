@@ -162,7 +162,7 @@ class Report(Selection):
     """Per figure: docs/ablations/fig{N}.md (table, per-run values, verdicts), fig{N}.png and fig{N}.csv."""
 
     runs_dir: str = "runs"
-    """where the training runs wrote (runs found there win over the figure's committed CSV)"""
+    """where the training runs wrote (a task and seed found there wins over the figure's committed CSV)"""
     output_dir: str = OUTPUT_DIR
     """where the figures' pages, plots and curves go"""
     last_episodes: int = 10

@@ -103,8 +103,8 @@ class Report:
     runs_dir: str = "runs"
     """where the training runs wrote"""
     curves: List[str] = field(default_factory=list)
-    """learning_curves.csv files of earlier reports to read experiments from as well (runs/ wins for a name both
-    hold)"""
+    """learning_curves.csv files of earlier reports to read experiments from as well (runs/ wins for a task and
+    seed both hold; their other runs are kept)"""
     labels: List[str] = field(default_factory=list)
     """EXP=LABEL: what the tables and legends call an experiment (e.g. "uniformql=UniformQL (N = 0, M = 500)")"""
     release_curves: str = RELEASE_CURVES
@@ -277,7 +277,11 @@ def report(args: Report) -> None:
     for path in args.curves:
         groups.update({k: v for k, v in read_curves(path).items() if k in args.exp_names})
     for name in args.exp_names:
-        groups[name] = read_metric(args.runs_dir, name, "charts/episodic_return") or groups.get(name, {})
+        # runs/ wins run by run: a task and seed it holds replaces the saved curve, saved runs of others stay
+        ran = read_metric(args.runs_dir, name, "charts/episodic_return")
+        ran_seeds = {(env_id, run.split()[0]) for env_id, run in ran}  # a run is "seed" or "seed (time)"
+        groups[name] = {**{(env_id, run): points for (env_id, run), points in groups.get(name, {}).items()
+                           if (env_id, run.split()[0]) not in ran_seeds}, **ran}
     if args.release_curves and os.path.isfile(args.release_curves):
         groups = {"release": read_curves(args.release_curves)["release"], **groups}
     for name, curves in groups.items():

@@ -110,6 +110,29 @@ def test_report_averages_the_whole_run_its_halves_and_its_end_against_the_releas
     assert "| walker-walk | mine | last 10 episodes | 1: 24.5, 2 (123): 34.5, 2 (456): 5.0 |" in table
 
 
+def test_runs_replace_saved_curves_task_by_task_and_seed_by_seed(tmp_path):
+    """A figure grows a task at a time: saved curves of one task stay when runs of another arrive, and a run of a
+    task and seed the saved curves hold too replaces that curve only."""
+    saved = tmp_path / "saved.csv"
+    with open(saved, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["exp_name", "env_id", "seed", "step", "episodic_return"])
+        writer.writerows(["mine", env_id, seed, 1000 * (i + 1), value]
+                         for env_id, seed, value in [("cartpole-swingup", 1, 1.0), ("cartpole-swingup", 2, 2.0),
+                                                     ("walker-walk", 1, 3.0), ("walker-walk", 2, 4.0)]
+                         for i in range(10))
+    runs = tmp_path / "runs"
+    write_run(str(runs), "walker-walk", "mine", 1, [30.0] * 10)
+    write_run(str(runs), "walker-walk", "mine", 3, [50.0] * 10)
+    learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine"], release_curves="", curves=[str(saved)],
+                                    output_dir=str(tmp_path / "out")))
+    curves = learning.read_curves(str(tmp_path / "out" / "learning_curves.csv"))["mine"]
+    assert {key: {r for _, r in points} for key, points in curves.items()} == {
+        ("cartpole-swingup", "1"): {1.0}, ("cartpole-swingup", "2"): {2.0},  # another task's saved runs kept
+        ("walker-walk", "1"): {30.0},  # the run replaces the saved curve of its task and seed
+        ("walker-walk", "2"): {4.0}, ("walker-walk", "3"): {50.0}}
+
+
 def test_sweep_file_runs_the_same_grid_with_real_flags():
     sweep = yaml.safe_load(open(os.path.join(ROOT, "benchmarks", "sweep.yaml")))
     assert os.path.exists(os.path.join(ROOT, sweep["program"]))
