@@ -49,12 +49,11 @@ FREE_COLOURS = ["C5", "C6", "C8", "C9", "C7"]
 def colours_of(names: list) -> dict:
     """{experiment: colour}: its system's colour for the first experiment of that system, the next free colour
     for a variant or a later experiment of a system already shown (in the order given)."""
-    systems = {}  # system -> its first experiment, the one that wears its colour
+    owner = {}  # the first experiment of each system shown wears that system's colour
     for name in names:
         system = next((s for s, pattern in SYSTEMS.items() if re.fullmatch(pattern, name)), None)
-        if system:
-            systems.setdefault(system, name)
-    owner = {name: COLOURS[system] for system, name in systems.items()}
+        if system and COLOURS[system] not in owner.values():
+            owner[name] = COLOURS[system]
     shown = set(owner.values())  # then the colours of systems this figure does not show
     free = itertools.cycle([c for c in FREE_COLOURS + list(COLOURS.values()) if c not in shown | {"black", "grey"}])
     return {name: owner[name] if name in owner else next(free) for name in names}
