@@ -294,6 +294,8 @@ def report_figure(figure: Figure, args: Report) -> str:
                 continue
             first, second = values[(env_id, claim.first)][claim.column], values[(env_id, claim.second)][claim.column]
             outcome, diff, se = verdict(claim, first, second)
+            if outcome == "did not hold" and claim.relation == "similar":  # say which way they differ
+                outcome += f", {label[claim.first] if diff > 0 else label[claim.second]} higher"
             lines.append(f"- {env_id}, {claim.column}: {claim.text}: **{outcome}** ({label[claim.first]} "
                          f"{learning.summary(first)} against {label[claim.second]} {learning.summary(second)}; "
                          f"difference {diff:+.1f} ± {se:.1f}, two standard errors decide).")

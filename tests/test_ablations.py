@@ -172,3 +172,13 @@ def test_every_variant_of_a_task_is_judged_over_the_steps_of_its_shortest_run(tm
     assert "| cartpole-swingup | uniform sampling alone (ρ_uniform = 1, no cached arg-max) | 2 | 8000 | 18.5 ± 5.0 |" in page
     left_out = ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path / "min"), min_steps=10_000)
     assert "| 1 | 20000 | 19.5 |" in ablations.report_figure(ablations.FIGURES[8], left_out)
+
+
+@pytest.mark.parametrize("ahead", ["fig10_qmle", "fig10_dqn"])
+def test_a_similarity_that_did_not_hold_names_the_variant_that_ended_higher(tmp_path, ahead):
+    runs, label = tmp_path / "runs", {v.exp_name: v.label for v in ablations.FIGURES[10].variants}
+    for seed in (1, 2, 3):
+        for name in label:
+            write_run(str(runs), "finger-spin", name, seed, [200.0 * (name == ahead) + seed + i for i in range(20)])
+    page = ablations.report_figure(ablations.FIGURES[10], ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path)))
+    assert f"both reach similar final performance: **did not hold, {label[ahead]} higher** (" in page
