@@ -213,8 +213,8 @@ def costs(runs: List[Tuple[List[str], str]]) -> List[str]:
     warnings = []
     if "fig9_m1000" in exps:
         warnings.append("fig9_m1000 searches 1000 candidates per replayed state, 10 times the default target budget: "
-                        "its runs take about 6 times as long as a default run (cartpole-swingup on a 2-core CPU: 8 steps/s "
-                        "against 46 beside the same load)")
+                        "a 100k-step run takes 1.5-2 hours alone on a 2-core CPU (13-18 steps/s against about 100 "
+                        "for a default run) and about twice as long two at a time: give each the machine (--jobs 1)")
     if dqn_tasks & {"quadruped-walk", "humanoid-walk", "dog-walk"}:
         warnings.append("dqn_grid.py runs quadruped-walk (3^12 outputs) at about 1 step/s on a CPU and refuses "
                         "humanoid-walk and dog-walk where their heads do not fit (docs/dqn_grid.md)")
@@ -296,9 +296,12 @@ def report_figure(figure: Figure, args: Report) -> str:
             outcome, diff, se = verdict(claim, first, second)
             if outcome == "did not hold" and claim.relation == "similar":  # say which way they differ
                 outcome += f", {label[claim.first] if diff > 0 else label[claim.second]} higher"
+            lone = [label[n] for n, v in ((claim.first, first), (claim.second, second)) if len(v) < 2]
+            basis = (f"one seed of {' and of '.join(lone)}, no spread to judge a difference of {diff:+.1f} by" if lone
+                     else f"difference {diff:+.1f} ± {se:.1f}, two standard errors decide")
             lines.append(f"- {env_id}, {claim.column}: {claim.text}: **{outcome}** ({label[claim.first]} "
                          f"{learning.summary(first)} against {label[claim.second]} {learning.summary(second)}; "
-                         f"difference {diff:+.1f} ± {se:.1f}, two standard errors decide).")
+                         f"{basis}).")
     lines += ["", f"![Fig. {figure.number}](fig{figure.number}.png)", ""]
     text = "\n".join(lines)
     with open(os.path.join(args.output_dir, f"fig{figure.number}.md"), "w") as f:

@@ -182,3 +182,15 @@ def test_a_similarity_that_did_not_hold_names_the_variant_that_ended_higher(tmp_
             write_run(str(runs), "finger-spin", name, seed, [200.0 * (name == ahead) + seed + i for i in range(20)])
     page = ablations.report_figure(ablations.FIGURES[10], ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path)))
     assert f"both reach similar final performance: **did not hold, {label[ahead]} higher** (" in page
+
+
+def test_a_verdict_on_one_seed_says_which_variant_has_no_spread_instead_of_an_infinite_error(tmp_path):
+    runs, label = tmp_path / "runs", {v.exp_name: v.label for v in ablations.FIGURES[9].variants}
+    write_run(str(runs), "cartpole-swingup", "fig9_m1000", 1, [300.0 + i for i in range(20)])
+    for seed in (1, 2, 3):
+        write_run(str(runs), "cartpole-swingup", "fig9_m2", seed, [100.0 + seed + i for i in range(20)])
+    page = ablations.report_figure(ablations.FIGURES[9], ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path)))
+    # whole run: 309.5 against the mean of 110.5, 111.5 and 112.5
+    assert (f"**cannot be told apart at this scale** ({label['fig9_m1000']} 309.5 against {label['fig9_m2']} "
+            f"111.5 ± 0.6; one seed of {label['fig9_m1000']}, no spread to judge a difference of +198.0 by)") in page
+    assert "± inf" not in page
