@@ -256,7 +256,7 @@ def report_figure(figure: Figure, args: Report) -> str:
         return ""
     scratch = os.path.join(args.output_dir, f".fig{figure.number}")
     with contextlib.redirect_stdout(io.StringIO()):
-        learning.report(learning.Report(exp_names=names, runs_dir=args.runs_dir, labels=labels, release_curves="",
+        learning.report(learning.Report(exp_names=names, runs_dir=args.runs_dir, labels=labels, release_curves=[],
                                         curves=[csv_path] if os.path.isfile(csv_path) else [], output_dir=scratch,
                                         last_episodes=args.last_episodes, min_steps=args.min_steps))
     curves = learning.read_curves(os.path.join(scratch, "learning_curves.csv"))

@@ -106,8 +106,9 @@ class Report:
     seed both hold; their other runs are kept)"""
     labels: List[str] = field(default_factory=list)
     """EXP=LABEL: what the tables and legends call an experiment (e.g. "uniformql=UniformQL (N = 0, M = 500)")"""
-    release_curves: str = RELEASE_CURVES
-    """the authors' release curves (env_id, seed, step, episodic_return) to compare against ('' = none)"""
+    release_curves: List[str] = field(default_factory=lambda: [RELEASE_CURVES])
+    """the authors' release curves (env_id, seed, step, episodic_return) to compare against, one file or several
+    (their runs merged; a task and seed in two files is taken from the later); none given = no release"""
     output_dir: str = "docs"
     """where learning_curves.csv and learning_curves.png go"""
     last_episodes: int = 10
@@ -161,6 +162,10 @@ def check(args) -> None:
     for label in getattr(args, "labels", []):
         if "=" not in label:
             fail(f"--labels {label!r}: expected EXP=LABEL")
+    for option in ("curves", "release_curves"):
+        for path in getattr(args, option, []):
+            if not os.path.isfile(path):
+                fail(f"--{option.replace('_', '-')}: no such file: {path}")
     if isinstance(args, Grid) and not os.path.isfile(os.path.join(ROOT, args.script)):
         fail(f"--script: no such file: {args.script}")
 
@@ -281,8 +286,11 @@ def report(args: Report) -> None:
         ran_seeds = {(env_id, run.split()[0]) for env_id, run in ran}  # a run is "seed" or "seed (time)"
         groups[name] = {**{(env_id, run): points for (env_id, run), points in groups.get(name, {}).items()
                            if (env_id, run.split()[0]) not in ran_seeds}, **ran}
-    if args.release_curves and os.path.isfile(args.release_curves):
-        groups = {"release": read_curves(args.release_curves)["release"], **groups}
+    release = {}
+    for path in args.release_curves:
+        release.update(read_curves(path).get("release", {}))
+    if release:
+        groups = {"release": release, **groups}
     for name, curves in groups.items():
         for (env_id, run_id), points in list(curves.items()):
             if not points or points[-1][0] < args.min_steps:

@@ -55,6 +55,8 @@ def test_each_mode_has_its_own_help():
     (["report", "--last-episodes", "0"], "--last-episodes must be >= 1, got 0"),
     (["run", "--jobs", "0"], "--jobs must be >= 1, got 0"),
     (["print", "--script", "nope.py"], "--script: no such file: nope.py"),
+    (["report", "--release-curves", "docs/qmle_release/curves.csv", "nope.csv"], "--release-curves: no such file: nope.csv"),
+    (["report", "--curves", "nope.csv"], "--curves: no such file: nope.csv"),
 ])
 def test_bad_flags_of_the_learning_runner_give_one_line(flags, message):
     result = run_script(os.path.join("benchmarks", "learning.py"), *flags)
@@ -82,7 +84,7 @@ def test_report_averages_the_whole_run_its_halves_and_its_end_against_the_releas
         writer = csv.writer(f)
         writer.writerow(["env_id", "seed", "step", "episodic_return"])
         writer.writerows(["walker-walk", 1, 1000 * (i + 1), 40.0] for i in range(30))
-    learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine"], release_curves=str(release),
+    learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine"], release_curves=[str(release)],
                                     output_dir=str(tmp_path / "out"), last_episodes=10, metrics=["charts/SPS"],
                                     reach=["walker-walk=25"], windows=["10000-20000"], labels=["mine=Mine"]))
     table = capsys.readouterr().out
@@ -102,12 +104,33 @@ def test_report_averages_the_whole_run_its_halves_and_its_end_against_the_releas
 
     # An earlier report's curves stand in for runs that are gone; a seed run twice is reported twice, said so.
     write_run(str(runs), "walker-walk", "mine", 2, [5.0] * 30, stamp=456)
-    learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine", "old"], release_curves="",
+    learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine", "old"], release_curves=[],
                                     curves=[str(tmp_path / "out" / "learning_curves.csv")],
                                     output_dir=str(tmp_path / "again")))
     table = capsys.readouterr().out
     assert "note: mine on walker-walk: seed 2 ran more than once; each run is reported" in table
     assert "| walker-walk | mine | last 10 episodes | 1: 24.5, 2 (123): 34.5, 2 (456): 5.0 |" in table
+
+
+def test_release_curves_from_several_files_are_merged_run_by_run(tmp_path, capsys):
+    """More seeds of the release, run later and kept in a file of their own, join the table beside the first ones;
+    --min-steps leaves out those that stopped short."""
+    files = {"first.csv": [(1, 30, 10.0), (2, 30, 20.0)], "more.csv": [(3, 30, 60.0), (4, 20, 99.0)]}
+    for name, runs in files.items():
+        with open(tmp_path / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["env_id", "seed", "step", "episodic_return"])
+            writer.writerows(["walker-walk", seed, 1000 * (i + 1), value] for seed, steps, value in runs
+                             for i in range(steps))
+    write_run(str(tmp_path / "runs"), "walker-walk", "mine", 1, [30.0] * 30)
+    learning.report(learning.Report(runs_dir=str(tmp_path / "runs"), exp_names=["mine"], min_steps=30000,
+                                    release_curves=[str(tmp_path / n) for n in files], output_dir=str(tmp_path)))
+    table = capsys.readouterr().out
+    assert "note: release on walker-walk, run 4, is at step 20000; left out" in table
+    # seeds 1-3: 10, 20 and 60, mean 30, standard deviation sqrt(1400 / 2) = 26.5, standard error 15.3 ...
+    assert "| walker-walk | authors' release (PyTorch) | 3 | 30000 | 30.0 ± 15.3 |" in table
+    # ... and the last-10 ratio against that mean
+    assert "| walker-walk | mine | 1 | 30000 | 30.0 | 30.0 | 30.0 | 30.0 | 100% |" in table
 
 
 def test_runs_replace_saved_curves_task_by_task_and_seed_by_seed(tmp_path):
@@ -124,7 +147,7 @@ def test_runs_replace_saved_curves_task_by_task_and_seed_by_seed(tmp_path):
     runs = tmp_path / "runs"
     write_run(str(runs), "walker-walk", "mine", 1, [30.0] * 10)
     write_run(str(runs), "walker-walk", "mine", 3, [50.0] * 10)
-    learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine"], release_curves="", curves=[str(saved)],
+    learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine"], release_curves=[], curves=[str(saved)],
                                     output_dir=str(tmp_path / "out")))
     curves = learning.read_curves(str(tmp_path / "out" / "learning_curves.csv"))["mine"]
     assert {key: {r for _, r in points} for key, points in curves.items()} == {

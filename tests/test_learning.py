@@ -50,7 +50,7 @@ def plotted(monkeypatch, tmp_path, exp_names, labels=()):
     path = str(tmp_path / f"{'_'.join(exp_names)}.csv")
     write_curves(path, ["release", *exp_names])
     learning.report(learning.Report(runs_dir=str(tmp_path / "none"), exp_names=list(exp_names), curves=[path],
-                                    release_curves=path, labels=list(labels), output_dir=str(tmp_path / "out")))
+                                    release_curves=[path], labels=list(labels), output_dir=str(tmp_path / "out")))
     return figures[-1]
 
 
