@@ -74,16 +74,22 @@ def write_run(runs_dir, env_id, exp, seed, returns, stamp=123):
             writer.writerow([1000 * (i + 1) + 1, "", 100.0])  # rows without a return are skipped
 
 
+def write_release(path, runs):
+    """A release curves file of walker-walk: per (seed, episodes, return), that many 1000-step episodes."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["env_id", "seed", "step", "episodic_return"])
+        writer.writerows(["walker-walk", seed, 1000 * (i + 1), value] for seed, episodes, value in runs
+                         for i in range(episodes))
+
+
 def test_report_averages_the_whole_run_its_halves_and_its_end_against_the_release(tmp_path, capsys):
     runs = tmp_path / "runs"
     for seed, offset in [(1, 0.0), (2, 10.0)]:
         write_run(str(runs), "walker-walk", "mine", seed, [offset + i for i in range(30)])
     write_run(str(runs), "walker-walk", "mine", 3, [])  # started, no episode finished yet
     release = tmp_path / "release.csv"
-    with open(release, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["env_id", "seed", "step", "episodic_return"])
-        writer.writerows(["walker-walk", 1, 1000 * (i + 1), 40.0] for i in range(30))
+    write_release(release, [(1, 30, 40.0)])
     learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine"], release_curves=[str(release)],
                                     output_dir=str(tmp_path / "out"), last_episodes=10, metrics=["charts/SPS"],
                                     reach=["walker-walk=25"], windows=["10000-20000"], labels=["mine=Mine"]))
@@ -117,11 +123,7 @@ def test_release_curves_from_several_files_are_merged_run_by_run(tmp_path, capsy
     --min-steps leaves out those that stopped short."""
     files = {"first.csv": [(1, 30, 10.0), (2, 30, 20.0)], "more.csv": [(3, 30, 60.0), (4, 20, 99.0)]}
     for name, runs in files.items():
-        with open(tmp_path / name, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["env_id", "seed", "step", "episodic_return"])
-            writer.writerows(["walker-walk", seed, 1000 * (i + 1), value] for seed, steps, value in runs
-                             for i in range(steps))
+        write_release(tmp_path / name, runs)
     write_run(str(tmp_path / "runs"), "walker-walk", "mine", 1, [30.0] * 30)
     learning.report(learning.Report(runs_dir=str(tmp_path / "runs"), exp_names=["mine"], min_steps=30000,
                                     release_curves=[str(tmp_path / n) for n in files], output_dir=str(tmp_path)))
