@@ -501,8 +501,15 @@ def amortisation_gap(model: AQLNetwork, params, obs, key, n_proposal: int, m_uni
     return amortised - search_argmax(model, params, obs, k_uniform, 0, n_proposal + m_uniform)[1]
 
 
-class AQLState(TrainState):
+class AQLState(TrainState):  # apply_fn unused (None): the model is passed to each jitted function instead
     target_params: Any
+
+
+@functools.cache
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """One optimizer object per learning rate. It sits in the train state's static part, so a second main() in one
+    process (the tests run many) finds the update already compiled instead of compiling it again."""
+    return optax.adam(learning_rate)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n_proposal", "m_uniform"))
@@ -759,7 +766,9 @@ def main(args: Args) -> None:
     model = AQLNetwork(action_dim, num_bins, args.proposal_hidden)
     search = dict(n_proposal=args.n_proposal, m_uniform=args.m_uniform)
     key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
-    params = jax.jit(model.init)(k_init, example_obs[None], jnp.zeros((1, 1, action_dim), jnp.int32))  # one compile
+    # One compile, keyed on the model's settings, not on this model object: a second main() in one process reuses it.
+    params = jax.jit(AQLNetwork.init, static_argnums=0)(model, k_init, example_obs[None],
+                                                        jnp.zeros((1, 1, action_dim), jnp.int32))
 
     def evaluation(params, label: str, video_dir: Optional[str] = None) -> float:
         returns = evaluate(model, params, args.env_id, args.seed + 10_000, args.eval_episodes, **search,
@@ -791,8 +800,7 @@ def main(args: Args) -> None:
           f"{args.num_envs} env(s), search over N={args.n_proposal} proposal + M={args.m_uniform} uniform samples",
           flush=True)
 
-    state = AQLState.create(apply_fn=model.apply, params=params, target_params=params,
-                            tx=optax.adam(args.learning_rate))
+    state = AQLState.create(apply_fn=None, params=params, target_params=params, tx=adam(args.learning_rate))
     transition = dict(obs=example_obs, action=np.zeros(action_dim, np.int32), reward=np.float32(0.0),
                       next_obs=example_obs, terminated=np.float32(0.0))
     rows = math.lcm(args.num_envs, args.train_frequency)  # transitions per update call, one update per tf of them

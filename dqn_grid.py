@@ -405,8 +405,15 @@ class QNetwork(nn.Module):
         return self.q_head(elu(self.joint_norm(x + h)))
 
 
-class DQNState(TrainState):
+class DQNState(TrainState):  # apply_fn unused (None): the model is passed to each jitted function instead
     target_params: Any
+
+
+@functools.cache
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """One optimizer object per learning rate. It sits in the train state's static part, so a second main() in one
+    process (the tests run many) finds the update already compiled instead of compiling it again."""
+    return optax.adam(learning_rate)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -632,7 +639,9 @@ def main(args: Args) -> None:
     envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)
     model = QNetwork(action_dim)
     key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
-    params = pytorch_biases(jax.jit(model.init)(k_init, example_obs[None]), jax.random.fold_in(k_init, 1))
+    # One compile, keyed on the model's settings, not on this model object: a second main() in one process reuses it.
+    params = jax.jit(QNetwork.init, static_argnums=0)(model, k_init, example_obs[None])
+    params = pytorch_biases(params, jax.random.fold_in(k_init, 1))
 
     def evaluation(params, label: str, video_dir: Optional[str] = None) -> float:
         returns = evaluate(model, params, args.env_id, args.seed + 10_000, args.eval_episodes, video_dir)
@@ -662,8 +671,8 @@ def main(args: Args) -> None:
 
     # The target starts as a copy, not as the same arrays: the update donates the state, and a buffer that two of
     # its leaves shared would be given away twice.
-    state = DQNState.create(apply_fn=model.apply, params=params, target_params=jax.tree.map(jnp.copy, params),
-                            tx=optax.adam(args.learning_rate))
+    state = DQNState.create(apply_fn=None, params=params, target_params=jax.tree.map(jnp.copy, params),
+                            tx=adam(args.learning_rate))
     # `action` is the index of the grid action taken; int32 holds any head the memory check lets through (3^19
     # outputs, the last below 2^31, would need 8.7 TiB).
     transition = dict(obs=example_obs, action=np.int32(0), reward=np.float32(0.0), next_obs=example_obs,

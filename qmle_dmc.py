@@ -500,8 +500,15 @@ def source_counts(best_index: jax.Array, budget: Budget) -> jax.Array:
     return jnp.bincount(source, weights=(best_index.ravel() >= 0).astype(jnp.float32), length=len(SOURCES))
 
 
-class QMLEState(TrainState):
+class QMLEState(TrainState):  # apply_fn unused (None): the model is passed to each jitted function instead
     target_params: Any
+
+
+@functools.cache
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """One optimizer object per learning rate. It sits in the train state's static part, so a second main() in one
+    process (the tests run many) finds the update already compiled instead of compiling it again."""
+    return optax.adam(learning_rate)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "budget", "noise_std", "discrete"))
@@ -794,7 +801,9 @@ def main(args: Args) -> None:
     if args.load_model is None:
         warn_of_empty_sources(args, greedy_budget, target_budget)
     key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
-    params = jax.jit(model.init)(k_init, example_obs[None], jnp.zeros((1, 1, action_dim)))  # one compile
+    # One compile, keyed on the model's settings, not on this model object: a second main() in one process reuses it.
+    params = jax.jit(QMLENetwork.init, static_argnums=0)(model, k_init, example_obs[None],
+                                                         jnp.zeros((1, 1, action_dim)))
     params = release_init(params, jax.random.fold_in(k_init, 1), args.bias_init, args.joint_init)
 
     def evaluation(params, label: str, discrete: bool = False, video_dir: Optional[str] = None) -> float:
@@ -827,8 +836,7 @@ def main(args: Args) -> None:
     print(f"{run_name}: {action_dim} action dims, {args.num_envs} env(s), greedy budget {greedy_budget}, "
           f"target budget {target_budget}", flush=True)
 
-    state = QMLEState.create(apply_fn=model.apply, params=params, target_params=params,
-                             tx=optax.adam(args.learning_rate))
+    state = QMLEState.create(apply_fn=None, params=params, target_params=params, tx=adam(args.learning_rate))
     transition = dict(obs=example_obs, action=np.zeros(action_dim, np.float32), reward=np.float32(0.0),
                       next_obs=example_obs, terminated=np.float32(0.0), argmax=np.zeros(action_dim, np.float32))
     rows = math.lcm(args.num_envs, args.train_frequency)  # transitions per update call, one update per tf of them

@@ -386,9 +386,16 @@ def cem_maximise(q_fn, key, batch: int, dim: int, cem: CEM):
     return best, value, std, top_values[0]
 
 
-class QTOptState(TrainState):
+class QTOptState(TrainState):  # apply_fn unused (None): the model is passed to each jitted function instead
     target_params: Any  # first target network: CEM's arg-max is taken under it
     lagged_params: Any  # second target network, one copy older than the first
+
+
+@functools.cache
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """One optimizer object per learning rate. It sits in the train state's static part, so a second main() in one
+    process (the tests run many) finds the update already compiled instead of compiling it again."""
+    return optax.adam(learning_rate)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cem"))
@@ -647,7 +654,8 @@ def main(args: Args) -> None:
     model = QNetwork(action_dim)
     cem = CEM(args.cem_samples, args.cem_elites, args.cem_iterations, args.cem_min_std)
     key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
-    params = jax.jit(model.init)(k_init, example_obs[None], jnp.zeros((1, 1, action_dim)))  # one compile
+    # One compile, keyed on the model's settings, not on this model object: a second main() in one process reuses it.
+    params = jax.jit(QNetwork.init, static_argnums=0)(model, k_init, example_obs[None], jnp.zeros((1, 1, action_dim)))
 
     def evaluation(params, label: str, video_dir: Optional[str] = None) -> float:
         returns = evaluate(model, params, args.env_id, args.seed + 10_000, args.eval_episodes, cem, video_dir)
@@ -676,8 +684,8 @@ def main(args: Args) -> None:
     print(f"{run_name}: {action_dim} action dims, {args.num_envs} env(s), CEM {cem.samples} samples, "
           f"{cem.elites} elites, {cem.iterations} iterations, min std {cem.min_std:g}", flush=True)
 
-    state = QTOptState.create(apply_fn=model.apply, params=params, target_params=params, lagged_params=params,
-                              tx=optax.adam(args.learning_rate))
+    state = QTOptState.create(apply_fn=None, params=params, target_params=params, lagged_params=params,
+                              tx=adam(args.learning_rate))
     transition = dict(obs=example_obs, action=np.zeros(action_dim, np.float32), reward=np.float32(0.0),
                       next_obs=example_obs, terminated=np.float32(0.0))
     rows = math.lcm(args.num_envs, args.train_frequency)  # transitions per update call, one update per tf of them

@@ -521,8 +521,15 @@ def advance_key(key, steps):
     return jax.lax.fori_loop(0, steps, split, (key, key))
 
 
-class DDPGState(TrainState):
+class DDPGState(TrainState):  # apply_fn unused (None): the networks are passed to each jitted function instead
     target_params: Any
+
+
+@functools.cache
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """One optimizer object per learning rate. It sits in the train state's static part, so a second main() in one
+    process (the tests run many) finds the update already compiled instead of compiling it again."""
+    return optax.adam(learning_rate)
 
 
 def target_value(nets: Networks, actor_state: DDPGState, critic_state: DDPGState, table, next_obs,
@@ -804,8 +811,10 @@ def main(args: Args) -> None:
     nets = Networks(Actor(embedding_dim), Critic(), k, args.knn == "approx", args.recall_target)
     table = jnp.asarray(table_np)
     key, k_actor, k_critic = jax.random.split(jax.random.PRNGKey(args.seed), 3)
-    params = dict(actor=jax.jit(nets.actor.init)(k_actor, example_obs[None]),
-                  critic=jax.jit(nets.critic.init)(k_critic, example_obs[None], table[None, :1]))
+    # One compile each, keyed on the networks' settings, not on these objects: a second main() in one process reuses it.
+    init = jax.jit(nn.Module.init, static_argnums=0)
+    params = dict(actor=init(nets.actor, k_actor, example_obs[None]),
+                  critic=init(nets.critic, k_critic, example_obs[None], table[None, :1]))
 
     def evaluation(params, label: str, video_dir: Optional[str] = None) -> float:
         returns = evaluate(nets, params, table, args.env_id, args.seed + 10_000, args.eval_episodes, video_dir)
@@ -834,9 +843,9 @@ def main(args: Args) -> None:
           f"{args.num_envs} env(s)", flush=True)
 
     actor_state = DDPGState.create(apply_fn=None, params=params["actor"], target_params=params["actor"],
-                                   tx=optax.adam(args.learning_rate))
+                                   tx=adam(args.learning_rate))
     critic_state = DDPGState.create(apply_fn=None, params=params["critic"], target_params=params["critic"],
-                                    tx=optax.adam(args.learning_rate))
+                                    tx=adam(args.learning_rate))
     transition = dict(obs=example_obs, action=np.zeros(embedding_dim, np.float32), reward=np.float32(0.0),
                       next_obs=example_obs, terminated=np.float32(0.0))  # `action` is the embedding of the action taken
     rows = math.lcm(args.num_envs, args.train_frequency)  # transitions per update call, one update per tf of them

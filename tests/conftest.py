@@ -1,3 +1,4 @@
+import contextlib
 import gc
 import glob
 import os
@@ -5,9 +6,14 @@ import signal
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
-import pytest
+# The suite compiles hundreds of small XLA programs, and at these sizes LLVM's optimisation passes are most of each
+# compile's time. Without them the same programs run, a little slower, to results equal up to float rounding (not
+# bit for bit: LLVM reorders some sums). The scripts the tests start as subprocesses inherit the setting.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
+import jax  # noqa: E402 (after XLA_FLAGS, which XLA reads once)
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -43,6 +49,22 @@ def run_in_process(agent, directory, monkeypatch, **settings):
     agent.main(args)
     run_dir = args.resume or max(glob.glob(f"runs/*__{args.exp_name}__*"), key=os.path.getmtime)
     return run_dir, agent.load_arrays(agent.checkpoint_file(run_dir), "--resume")
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """Inside the block, the list it yields gets one entry per program XLA compiles (jax's own compile events)."""
+    compiled = []
+
+    def listener(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def saved(arrays, prefix):

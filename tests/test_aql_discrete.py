@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import aql_discrete as aql
-from conftest import interrupt, q_reference, run_script, run_in_process, saved
+from conftest import counting_compiles, interrupt, q_reference, run_in_process, run_script, saved
 
 OBS_DIM, DIM, BINS = 5, 2, 3
 ALL_ACTIONS = np.array(list(itertools.product(range(BINS), repeat=DIM)), np.int32)  # the whole 9-action space
@@ -366,12 +366,6 @@ def test_unknown_env_and_empty_search_exit_cleanly_from_the_command_line(tmp_pat
 
 # --- whole runs ----------------------------------------------------------------------------------------------
 
-def cached_env(tmp_path):
-    """XLA skips LLVM's optimisations: at these tiny sizes compilation is most of a run's time. The code that
-    runs is the same."""
-    return dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
-
-
 def read_metrics(run_dir):
     return list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
 
@@ -380,7 +374,7 @@ def test_smoke_run_on_cartpole_swingup_writes_metrics_and_a_model_that_loads(tmp
     search = ["--n-proposal", "8", "--m-uniform", "16", "--xla-cache", str(tmp_path / "xla")]
     flags = ["--env-id", "cartpole-swingup", "--total-timesteps", "1500", "--learning-starts", "500", *search,
              "--eval-frequency", "1500", "--batch-size", "32", "--buffer-size", "2000", "--log-frequency", "250"]
-    result = run_script("aql_discrete.py", "--save-model", *flags, cwd=tmp_path, env=cached_env(tmp_path))
+    result = run_script("aql_discrete.py", "--save-model", *flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "cartpole-swingup__aql_discrete__1__*"))
     rows = read_metrics(run_dir)
@@ -409,7 +403,7 @@ def test_smoke_run_on_cartpole_swingup_writes_metrics_and_a_model_that_loads(tmp
     template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)), jnp.zeros((1, 1, 1), jnp.int32))
     loaded = aql.restore(template, arrays, "--load-model")
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(template)))
-    evaluation = run_script("aql_discrete.py", "--load-model", model_path, cwd=tmp_path, env=cached_env(tmp_path))
+    evaluation = run_script("aql_discrete.py", "--load-model", model_path, cwd=tmp_path)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     # The run's own evaluation seeds and search: the saved model scores what the run logged at its end.
     assert f"greedy evaluation return {evaluations[-1]:.1f} over 1 episode(s)" in evaluation.stdout
@@ -428,7 +422,7 @@ def test_cartpole_runs_as_one_sub_action_and_seeds_reproduce(tmp_path):
              "--log-frequency", "100", "--xla-cache", str(tmp_path / "xla")]
     for run in ("a", "b"):  # the second run takes its compiled functions from the first one's cache
         os.makedirs(tmp_path / run)
-        result = run_script("aql_discrete.py", *flags, cwd=tmp_path / run, env=cached_env(tmp_path))
+        result = run_script("aql_discrete.py", *flags, cwd=tmp_path / run)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "1 sub-actions x 2 bins" in result.stdout
     rows = [read_metrics(glob.glob(str(tmp_path / run / "runs" / "*"))[0]) for run in ("a", "b")]
@@ -602,7 +596,7 @@ def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path
              "--n-proposal", "2", "--m-uniform", "4", "--batch-size", "32", "--buffer-size", "1000",
              "--eval-frequency", "0", "--log-frequency", "100", "--checkpoint-frequency", "5000",
              "--xla-cache", str(tmp_path / "xla")]
-    returncode, stdout, stderr = interrupt("aql_discrete.py", flags, tmp_path, env=cached_env(tmp_path))
+    returncode, stdout, stderr = interrupt("aql_discrete.py", flags, tmp_path)
     assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert "interrupted at step" in stdout and f"--resume runs/{os.path.basename(run_dir)}" in stdout
@@ -612,3 +606,12 @@ def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path
     assert model["global_step"] == meta["global_step"]
     wrong = run_script("aql_discrete.py", "--resume", os.path.relpath(run_dir, tmp_path), "--seed", "2", cwd=tmp_path)
     assert wrong.returncode == 1 and wrong.stderr.strip() == "error: --resume: --seed 2 differs from the saved run's 1"
+
+
+def test_a_second_run_in_one_process_compiles_nothing(tmp_path, monkeypatch):
+    # The optimizer and the init are keyed on their settings, not on one run's objects, so a second main() with the
+    # same settings finds every program compiled (what keeps the many in-process runs of these tests fast).
+    train_in_process(tmp_path, monkeypatch, total_timesteps=300, checkpoint_frequency=300, exp_name="first")
+    with counting_compiles() as compiled:
+        train_in_process(tmp_path, monkeypatch, total_timesteps=300, checkpoint_frequency=300, exp_name="second")
+    assert compiled == []

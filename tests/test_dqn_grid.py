@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import dqn_grid as dqn
-from conftest import run_script, run_in_process, saved
+from conftest import counting_compiles, run_in_process, run_script, saved
 
 OBS_DIM, DIM = 5, 2
 GRID = np.array(list(itertools.product([-1.0, 0.0, 1.0], repeat=DIM)), np.float32)  # all 9 joint actions, in order
@@ -369,3 +369,14 @@ def test_a_run_on_pendulum_logs_stores_its_transitions_resumes_and_saves_a_model
         dqn.main(dqn.Args(env_id="cartpole-swingup", load_model=model_path))
     assert str(exit_info.value) == ("error: --load-model: --env-id 'cartpole-swingup' differs from the saved run's "
                                     "'Pendulum-v1'")
+
+
+def test_a_second_run_in_one_process_compiles_nothing(tmp_path, monkeypatch):
+    # The optimizer and the init are keyed on their settings, not on one run's objects, so a second main() with the
+    # same settings finds every program compiled (what keeps the many in-process runs of these tests fast).
+    fast = dict(env_id="Pendulum-v1", learning_starts=100, buffer_size=2000, batch_size=16, eval_frequency=0,
+                log_frequency=100, total_timesteps=300, checkpoint_frequency=300)
+    run_in_process(dqn, tmp_path, monkeypatch, exp_name="first", **fast)
+    with counting_compiles() as compiled:
+        run_in_process(dqn, tmp_path, monkeypatch, exp_name="second", **fast)
+    assert compiled == []

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import qmle_dmc as q
-from conftest import interrupt, q_reference, run_script, run_in_process, saved
+from conftest import counting_compiles, interrupt, q_reference, run_in_process, run_script, saved
 
 OBS_DIM, ACTION_DIM = 5, 2
 
@@ -774,3 +774,11 @@ def test_videos_play_at_the_tasks_own_speed(tmp_path, env_id, fps):
     reader = imageio.get_reader(video)
     assert reader.get_meta_data()["fps"] == fps and reader.count_frames() == 21  # the reset frame and 20 steps
 
+
+def test_a_second_run_in_one_process_compiles_nothing(tmp_path, monkeypatch):
+    # The optimizer and the init are keyed on their settings, not on one run's objects, so a second main() with the
+    # same settings finds every program compiled (what keeps the many in-process runs of these tests fast).
+    train_in_process(tmp_path, monkeypatch, total_timesteps=300, checkpoint_frequency=300, exp_name="first")
+    with counting_compiles() as compiled:
+        train_in_process(tmp_path, monkeypatch, total_timesteps=300, checkpoint_frequency=300, exp_name="second")
+    assert compiled == []

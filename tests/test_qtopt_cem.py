@@ -13,7 +13,7 @@ import pytest
 
 import qmle_dmc
 import qtopt_cem as q
-from conftest import interrupt, q_reference, run_script, run_in_process, saved
+from conftest import counting_compiles, interrupt, q_reference, run_in_process, run_script, saved
 
 OBS_DIM, ACTION_DIM = 5, 2
 
@@ -493,3 +493,12 @@ def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path
     assert q.load_arrays(os.path.join(run_dir, "qtopt_cem.npz"), "--load-model")[0]["global_step"] == meta["global_step"]
     wrong = run_script("qtopt_cem.py", "--resume", os.path.relpath(run_dir, tmp_path), "--seed", "2", cwd=tmp_path)
     assert wrong.returncode == 1 and wrong.stderr.strip() == "error: --resume: --seed 2 differs from the saved run's 1"
+
+
+def test_a_second_run_in_one_process_compiles_nothing(tmp_path, monkeypatch):
+    # The optimizer and the init are keyed on their settings, not on one run's objects, so a second main() with the
+    # same settings finds every program compiled (what keeps the many in-process runs of these tests fast).
+    train_in_process(tmp_path, monkeypatch, total_timesteps=300, checkpoint_frequency=300, exp_name="first")
+    with counting_compiles() as compiled:
+        train_in_process(tmp_path, monkeypatch, total_timesteps=300, checkpoint_frequency=300, exp_name="second")
+    assert compiled == []

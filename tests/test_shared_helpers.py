@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 AGENTS = ["qmle_dmc.py", "qtopt_cem.py", "aql_discrete.py", "wolpertinger.py", "dqn_grid.py"]
-SHARED = ["fail", "flag", "check_whole_numbers", "dmc_gym_id", "make_envs", "make_worker_env", "record_video",
+SHARED = ["adam", "fail", "flag", "check_whole_numbers", "dmc_gym_id", "make_envs", "make_worker_env", "record_video",
           "MetricsLogger", "new_run_dir", "save_arrays", "named_leaves", "checkpoint_file", "load_arrays", "restore",
           "saved_args", "stop_on_signals", "restore_signals"]
 

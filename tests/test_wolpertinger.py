@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import wolpertinger as w
-from conftest import interrupt, run_script, run_in_process, saved
+from conftest import counting_compiles, interrupt, run_in_process, run_script, saved
 
 OBS_DIM = 4
 
@@ -736,3 +736,12 @@ def test_videos_play_at_the_tasks_own_speed(tmp_path):
     (video,) = glob.glob(str(tmp_path / "*.mp4"))
     reader = imageio.get_reader(video)
     assert reader.get_meta_data()["fps"] == 20 and reader.count_frames() == 21
+
+
+def test_a_second_run_in_one_process_compiles_nothing(tmp_path, monkeypatch):
+    # The optimizer and the init are keyed on their settings, not on one run's objects, so a second main() with the
+    # same settings finds every program compiled (what keeps the many in-process runs of these tests fast).
+    train_in_process(tmp_path, monkeypatch, total_timesteps=300, checkpoint_frequency=300, exp_name="first")
+    with counting_compiles() as compiled:
+        train_in_process(tmp_path, monkeypatch, total_timesteps=300, checkpoint_frequency=300, exp_name="second")
+    assert compiled == []
