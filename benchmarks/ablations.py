@@ -277,7 +277,8 @@ def report_figure(figure: Figure, args: Report) -> str:
         # every variant of a task judged over the same steps, those of its shortest run
         steps = min(pts[-1][0] for runs in curves.values() for (env, _), pts in runs.items() if env == env_id)
         for name in names:
-            runs = {seed: pts for (env, seed), pts in sorted(curves.get(name, {}).items()) if env == env_id}
+            runs = {seed: pts for (env, seed), pts in sorted(curves.get(name, {}).items(), key=learning.by_run)
+                    if env == env_id}
             if not runs:
                 continue
             table = {seed: run_values(pts, steps, args.last_episodes) for seed, pts in runs.items()}

@@ -229,6 +229,13 @@ def read_metric(runs_dir: str, exp: str, column: str) -> dict:
     return series
 
 
+def by_run(item) -> tuple:
+    """Sort key of ((env_id, run), value) items: the task, then the seed as a number (10 after 9), then the time."""
+    (env_id, run_id), _ = item
+    seed, _, stamp = str(run_id).partition(" ")
+    return env_id, int(seed), stamp
+
+
 def read_curves(path: str) -> dict:
     """{exp_name: {(env_id, run): [(step, return), ...]}} of a learning_curves.csv or the release's curves.csv."""
     groups = defaultdict(lambda: defaultdict(list))
@@ -305,7 +312,7 @@ def report(args: Report) -> None:
         writer = csv.writer(f)
         writer.writerow(["exp_name", "env_id", "seed", "step", "episodic_return"])
         for name, curves in groups.items():
-            for (env_id, run_id), points in sorted(curves.items()):
+            for (env_id, run_id), points in sorted(curves.items(), key=by_run):
                 writer.writerows([name, env_id, run_id, s, r] for s, r in points)
 
     env_ids = sorted({env for name in args.exp_names for env, _ in groups.get(name, {})})  # release-only left out
@@ -318,7 +325,8 @@ def report(args: Report) -> None:
     per_run_lines, release_last = [], {}
     for env_id in env_ids:
         for name in ["release", *args.exp_names]:
-            runs = {run_id: pts for (env, run_id), pts in sorted(groups.get(name, {}).items()) if env == env_id}
+            runs = {run_id: pts for (env, run_id), pts in sorted(groups.get(name, {}).items(), key=by_run)
+                    if env == env_id}
             if not runs:
                 continue
             steps = min(pts[-1][0] for pts in runs.values())  # every run judged over the same steps
@@ -339,7 +347,7 @@ def report(args: Report) -> None:
 
     for metric in args.metrics:
         for name in args.exp_names:
-            for (env_id, run_id), values in sorted(read_metric(args.runs_dir, name, metric).items()):
+            for (env_id, run_id), values in sorted(read_metric(args.runs_dir, name, metric).items(), key=by_run):
                 if values:
                     last = [v for _, v in values[-args.last_episodes:]]
                     print(f"| {env_id} | {name} | seed {run_id} | {metric}, last {len(last)} logged values "
@@ -348,7 +356,7 @@ def report(args: Report) -> None:
         env_id, value = bar.rsplit("=", 1)
         for name in args.exp_names:
             firsts = {run_id: first_reach(pts, float(value), args.last_episodes)
-                      for (env, run_id), pts in sorted(groups.get(name, {}).items()) if env == env_id}
+                      for (env, run_id), pts in sorted(groups.get(name, {}).items(), key=by_run) if env == env_id}
             print(f"| {env_id} | {name} | last-{args.last_episodes} mean >= {value} first at step | "
                   + ", ".join(f"{run_id}: {'never' if s is None else s}" for run_id, s in firsts.items()) + " |")
 

@@ -118,6 +118,16 @@ def test_report_averages_the_whole_run_its_halves_and_its_end_against_the_releas
     assert "| walker-walk | mine | last 10 episodes | 1: 24.5, 2 (123): 34.5, 2 (456): 5.0 |" in table
 
 
+def test_runs_are_listed_in_the_order_of_their_seeds_as_numbers(tmp_path, capsys):
+    for seed in (10, 9, 2):
+        write_run(str(tmp_path / "runs"), "walker-walk", "mine", seed, [float(seed)] * 5)
+    learning.report(learning.Report(runs_dir=str(tmp_path / "runs"), exp_names=["mine"], release_curves=[],
+                                    output_dir=str(tmp_path)))
+    assert "| walker-walk | mine | whole run | 2: 2.0, 9: 9.0, 10: 10.0 |" in capsys.readouterr().out  # not 10, 2, 9
+    rows = list(csv.DictReader(open(tmp_path / "learning_curves.csv")))
+    assert [r["seed"] for r in rows[::5]] == ["2", "9", "10"]
+
+
 def test_release_curves_from_several_files_are_merged_run_by_run(tmp_path, capsys):
     """More seeds of the release, run later and kept in a file of their own, join the table beside the first ones;
     --min-steps leaves out those that stopped short."""
