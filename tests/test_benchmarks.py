@@ -313,3 +313,21 @@ def test_bad_flags_of_the_checkpoint_benchmark_give_one_line(flags, message):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "the following arguments are required: --release-dir"),
+    (["--release-dir", "/no/such/dir"], "--release-dir '/no/such/dir' has no src/model.py"),
+    (["--release-dir", ROOT, "--inits", "1"], "--inits must be >= 2"),
+    (["--release-dir", ROOT, "--inits", "1.5"], "argument --inits: invalid int value: '1.5'"),
+    (["--release-dir", ROOT, "--release-layernorm-eps", "nan"], "--release-layernorm-eps must be a positive number"),
+])
+def test_bad_flags_of_the_release_check_give_one_line(flags, message, tmp_path):
+    if flags[1:2] == [ROOT]:  # a directory that looks like a clone of the release, so the later checks are reached
+        os.makedirs(tmp_path / "src")
+        (tmp_path / "src" / "model.py").write_text("")
+        flags = [flags[0], str(tmp_path), *flags[2:]]
+    result = run_script(os.path.join("benchmarks", "release_update.py"), *flags)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and len(result.stderr.splitlines()) == 1
