@@ -315,19 +315,30 @@ def test_bad_flags_of_the_checkpoint_benchmark_give_one_line(flags, message):
     assert len(errors) == 1 and message in errors[0]
 
 
+FAKE_CLONE = "<a directory with src/model.py>"  # stands for a clone of the release, made per test
+NO_TORCH = "<a Python without PyTorch>"  # a stand-in program that fails as such a Python would
+
+
 @pytest.mark.parametrize("flags, message", [
     ([], "the following arguments are required: --release-dir"),
     (["--release-dir", "/no/such/dir"], "--release-dir '/no/such/dir' has no src/model.py"),
-    (["--release-dir", ROOT, "--inits", "1"], "--inits must be >= 2"),
-    (["--release-dir", ROOT, "--inits", "1.5"], "argument --inits: invalid int value: '1.5'"),
-    (["--release-dir", ROOT, "--release-layernorm-eps", "nan"], "--release-layernorm-eps must be a positive number"),
+    (["--release-dir", FAKE_CLONE, "--inits", "1"], "--inits must be >= 2"),
+    (["--release-dir", FAKE_CLONE, "--inits", "1.5"], "argument --inits: invalid int value: '1.5'"),
+    (["--release-dir", FAKE_CLONE, "--release-layernorm-eps", "nan"],
+     "--release-layernorm-eps must be a positive number"),
+    (["--release-dir", FAKE_CLONE, "--torch-python", "/no/such/python"],
+     "--torch-python '/no/such/python' does not run"),
+    (["--release-dir", FAKE_CLONE, "--torch-python", NO_TORCH], "cannot import torch and numpy: ModuleNotFoundError"),
 ])
 def test_bad_flags_of_the_release_check_give_one_line(flags, message, tmp_path):
-    if flags[1:2] == [ROOT]:  # a directory that looks like a clone of the release, so the later checks are reached
-        os.makedirs(tmp_path / "src")
-        (tmp_path / "src" / "model.py").write_text("")
-        flags = [flags[0], str(tmp_path), *flags[2:]]
-    result = run_script(os.path.join("benchmarks", "release_update.py"), *flags)
+    """Every mistake is found, in one line, before the check computes anything."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "model.py").write_text("")
+    no_torch = tmp_path / "python"
+    no_torch.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    no_torch.chmod(0o755)
+    flags = [{FAKE_CLONE: str(tmp_path), NO_TORCH: str(no_torch)}.get(flag, flag) for flag in flags]
+    result = run_script(os.path.join("benchmarks", "release_update.py"), *flags, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and len(result.stderr.splitlines()) == 1
