@@ -214,7 +214,8 @@ def costs(runs: List[Tuple[List[str], str]]) -> List[str]:
     if "fig9_m1000" in exps:
         warnings.append("fig9_m1000 searches 1000 candidates per replayed state, 10 times the default target budget: "
                         "a 100k-step run takes 1.5-2 hours alone on a 2-core CPU (13-18 steps/s against about 100 "
-                        "for a default run) and about twice as long two at a time: give each the machine (--jobs 1)")
+                        "for a default run); two at a time, one per core (--pin-cores), walker-walk ran at 10-11 "
+                        "steps/s, nearly 3 hours each")
     if dqn_tasks & {"quadruped-walk", "humanoid-walk", "dog-walk"}:
         warnings.append("dqn_grid.py runs quadruped-walk (3^12 outputs) at about 1 step/s on a CPU and refuses "
                         "humanoid-walk and dog-walk where their heads do not fit (docs/dqn_grid.md)")
