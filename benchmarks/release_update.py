@@ -63,6 +63,16 @@ def init_statistics(q_values: np.ndarray, candidates: np.ndarray, delta: np.ndar
             np.abs(delta).mean(), logits.std()]
 
 
+def rollout(first_obs, step, actions) -> dict:
+    """The environment check's record on either side: each observation, the first included, and each reward."""
+    observations, rewards = [first_obs], []
+    for action in actions:
+        obs, reward = step(action)[:2]
+        observations.append(obs)
+        rewards.append(reward)
+    return {"env_rewards": np.array(rewards), "env_observations": np.array(observations, np.float32)}
+
+
 def ours(data: dict, inits: int, env_seed: int) -> dict:
     """qmle_dmc.py's side: its gradient_step, with its sampling replaced by the shared batch and candidates."""
     import flax
@@ -120,14 +130,7 @@ def ours(data: dict, inits: int, env_seed: int) -> dict:
         stats.append(init_statistics(q_values, data["init_candidates"], delta, logits))
     out["init_stats"] = np.array(stats)
     env = q.make_env("walker-walk", env_seed)
-    observations = [env.reset(seed=env_seed)[0]]
-    rewards = []
-    for action in data["env_actions"]:
-        obs, reward = env.step(action)[:2]
-        observations.append(obs)
-        rewards.append(reward)
-    out["env_rewards"], out["env_observations"] = np.array(rewards), np.array(observations, np.float32)
-    return out
+    return {**out, **rollout(env.reset(seed=env_seed)[0], env.step, data["env_actions"])}
 
 
 def release(data: dict, release_dir: str, layernorm_eps: float, inits: int, env_seed: int) -> dict:
@@ -230,13 +233,7 @@ def release(data: dict, release_dir: str, layernorm_eps: float, inits: int, env_
                                          net.delta_predictor(latent).numpy(), logits.numpy()))
     out["init_stats"] = np.array(stats)
     dmc = make_gym_dmc_env("walker_walk", seed=env_seed)
-    observations, rewards = [dmc.reset()], []
-    for action in data["env_actions"]:
-        obs, reward = dmc.step(action)[:2]
-        observations.append(obs)
-        rewards.append(reward)
-    out["env_rewards"], out["env_observations"] = np.array(rewards), np.array(observations, np.float32)
-    return out
+    return {**out, **rollout(dmc.reset(), dmc.step, data["env_actions"])}
 
 
 def as_our_layout(net) -> dict:
