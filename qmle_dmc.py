@@ -237,7 +237,11 @@ def make_env(env_id: str, seed: int, render: bool = False) -> gym.Env:
 
         dmc = ", ".join(f"{d}-{t}" for d, t in suite.ALL_TASKS)
         fail(f"unknown --env-id {env_id!r}; DeepMind Control ids: {dmc}; or any Gymnasium id with Box actions")
-    env = gym.make(gym_id, render_mode="rgb_array" if render else None)
+    try:  # a registered id can still fail to build: a missing extra (Box2D), an id moved to another package
+        env = gym.make(gym_id, render_mode="rgb_array" if render else None)
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        fail(f"--env-id {env_id!r} is registered but cannot be made: {type(error).__name__}: {reason}")
     if not isinstance(env.action_space, gym.spaces.Box) or len(env.action_space.shape) != 1:
         fail(f"--env-id {env_id!r} has {env.action_space} actions; {SCRIPT} needs a one-dimensional Box")
     observations = env.observation_space

@@ -7,6 +7,7 @@ import re
 import sys
 from typing import List, Optional, get_type_hints
 
+import gymnasium as gym
 import pytest
 
 import aql_discrete
@@ -124,6 +125,23 @@ def test_gamma_1_warns_naming_the_task_without_claiming_it_never_terminates(caps
         "terminal state (a time limit is not one)"]
     module.check_args(module.Args(env_id=env_id, gamma=0.99))
     assert capsys.readouterr().err == ""
+
+
+def needs_a_missing_package(**kwargs):
+    raise ImportError("needs a package this machine lacks\nsecond line of the message")
+
+
+@pytest.mark.parametrize("script", ["qmle_dmc.py", "qtopt_cem.py", "aql_discrete.py", "wolpertinger.py", "dqn_grid.py"])
+def test_a_registered_env_id_that_cannot_be_made_is_one_line(script):
+    # as LunarLander-v3 without Box2D, or HalfCheetah-v2 (moved to gymnasium-robotics): in the registry, not buildable
+    gym.register("BrokenForTest-v0", entry_point=needs_a_missing_package)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            SCRIPTS[script].make_env("BrokenForTest-v0", 0)
+    finally:
+        del gym.registry["BrokenForTest-v0"]
+    assert str(exit_info.value) == ("error: --env-id 'BrokenForTest-v0' is registered but cannot be made: "
+                                    "ImportError: needs a package this machine lacks")
 
 
 def readme_paths():
