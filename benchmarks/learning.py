@@ -307,6 +307,11 @@ def report(args: Report) -> None:
             elif " (" in str(run_id):
                 print(f"note: {name} on {env_id}: seed {run_id.split()[0]} ran more than once; each run is reported")
 
+    env_ids = sorted({env for name in args.exp_names for env, _ in groups.get(name, {})})  # release-only left out
+    if not env_ids:  # before anything is written: a mistyped name must not replace a saved learning_curves.csv
+        fail(f"no finished episode of {' '.join(args.exp_names)} in {args.runs_dir}/"
+             + (f" or {' '.join(args.curves)}" if args.curves else "")
+             + (f" from a run that reached step {args.min_steps}" if args.min_steps else "") + "; nothing written")
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "learning_curves.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -315,7 +320,6 @@ def report(args: Report) -> None:
             for (env_id, run_id), points in sorted(curves.items(), key=by_run):
                 writer.writerows([name, env_id, run_id, s, r] for s, r in points)
 
-    env_ids = sorted({env for name in args.exp_names for env, _ in groups.get(name, {})})  # release-only left out
     windows = [tuple(float(x) for x in w.split("-")) for w in args.windows]
     headers = ["whole run", "first half", "second half", *(f"{int(a) // 1000}k-{int(b) // 1000}k" for a, b in windows),
                f"last {args.last_episodes} episodes"]

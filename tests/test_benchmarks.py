@@ -118,6 +118,23 @@ def test_report_averages_the_whole_run_its_halves_and_its_end_against_the_releas
     assert "| walker-walk | mine | last 10 episodes | 1: 24.5, 2 (123): 34.5, 2 (456): 5.0 |" in table
 
 
+def test_report_of_names_without_runs_is_one_line_and_leaves_saved_curves_alone(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "learning_curves.csv").write_text("saved\n")
+    write_run(str(tmp_path / "runs"), "walker-walk", "mine", 1, [1.0] * 5)  # 5k steps: too short for --min-steps
+    write_release(tmp_path / "release.csv", [(1, 30, 40.0)])
+    for flags, reason in [(["--exp-names", "mnie"], ""), (["--exp-names", "mine", "--min-steps", "6000"],
+                                                           " from a run that reached step 6000")]:
+        result = run_script(os.path.join("benchmarks", "learning.py"), "report", *flags, "--runs-dir",
+                            str(tmp_path / "runs"), "--release-curves", str(tmp_path / "release.csv"),
+                            "--output-dir", str(out))
+        name = flags[1]
+        assert result.returncode == 1 and result.stderr.strip() == (
+            f"error: no finished episode of {name} in {tmp_path / 'runs'}/{reason}; nothing written")
+    assert os.listdir(out) == ["learning_curves.csv"] and (out / "learning_curves.csv").read_text() == "saved\n"
+
+
 def test_runs_are_listed_in_the_order_of_their_seeds_as_numbers(tmp_path, capsys):
     for seed in (10, 9, 2):
         write_run(str(tmp_path / "runs"), "walker-walk", "mine", seed, [float(seed)] * 5)
