@@ -231,6 +231,47 @@ def sub_action_space(env: gym.Env, num_bins: int) -> tuple:
     return (1, int(env.action_space.n)) if discrete else (env.action_space.shape[0], num_bins)
 
 
+def proposal_bytes(action_dim: int, num_bins: int, hidden: int, states: int, samples: int) -> int:
+    """Memory the proposal takes in an update, in bytes (a Python int, no overflow), counted from its shapes: its
+    per-(dimension, bin) weights five times over (online, target, gradient, Adam's two moments) and the
+    [states, samples, bins] arrays of one sub-action's draw in the target search (logits, log-softmax,
+    probabilities and their cumulative sum)."""
+    return 4 * (5 * action_dim * num_bins * (2 * hidden + 1) + 4 * states * max(samples, 1) * num_bins)
+
+
+def bytes_text(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB")
+    power = min(max(n.bit_length() - 1, 0) // 10, len(units) - 1)
+    return f"{n / 1024 ** power:,.1f}".removesuffix(".0") + f" {units[power]}"
+
+
+def available_memory() -> tuple:
+    """(bytes, a phrase saying where) the run can use: the accelerator's limit when JAX's default backend is one,
+    else what the kernel counts as available to a new process (MemAvailable), else the physical memory."""
+    device = jax.devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
+    if limit:
+        return int(limit), f"the {device.device_kind} has {bytes_text(int(limit))}"
+    try:
+        with open("/proc/meminfo") as f:
+            available = 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return available, f"this machine has {bytes_text(available)} available"
+    except (OSError, StopIteration, ValueError):
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return physical, f"this machine has {bytes_text(physical)}"
+
+
+def check_proposal(args: Args, action_dim: int, num_bins: int) -> None:
+    """Refuse, before anything is allocated, a proposal whose bins do not fit in memory (one line, not an
+    out-of-memory traceback from deep inside the first update)."""
+    need = proposal_bytes(action_dim, num_bins, args.proposal_hidden, args.batch_size, args.n_proposal)
+    have, where = available_memory()
+    if need > have:
+        fail(f"{action_dim} sub-action(s) x {num_bins:,} bins: the proposal would need about {bytes_text(need)} of "
+             f"memory in an update ({where}); use fewer bins (--num-bins) or a smaller --batch-size")
+
+
 def env_action(space: gym.Space, index: np.ndarray, num_bins: int) -> np.ndarray:
     """Bin indices [..., D] -> what step takes for one environment's action `space`: the bins' values in [-1, 1]
     [..., D], or the Discrete actions [...] (a vector env's [N, D] indices -> [N, D] values, or [N] actions)."""
@@ -764,6 +805,7 @@ def main(args: Args) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     env = make_env(args.env_id, args.seed)  # one line of error here, not in a worker, for an id it cannot use
     action_dim, num_bins = sub_action_space(env, args.num_bins)
+    check_proposal(args, action_dim, num_bins)
     example_obs, _ = env.reset(seed=args.seed)
     env.close()
     envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)

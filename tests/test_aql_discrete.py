@@ -5,6 +5,7 @@ import functools
 import glob
 import itertools
 import os
+import re
 
 import gymnasium as gym
 import jax
@@ -351,6 +352,26 @@ def test_spaces_it_cannot_handle_are_refused_with_one_line(env_class, expected):
         gym.registry.pop(env_id)
     text = exit_info.value.code
     assert text.startswith(f"error: --env-id '{env_id}' has ") and expected in text and "\n" not in text
+
+
+def test_a_proposal_too_large_for_memory_is_refused_in_one_line_before_anything_starts(tmp_path):
+    result = run_script("aql_discrete.py", "--env-id", "Pendulum-v1", "--num-bins", "100000000", cwd=tmp_path)
+    # 4 bytes x (5 x 1 x 1e8 x 257 weights + 4 x 256 states x 100 samples x 1e8 bins) = 4.1e13 bytes, 37.7 TiB
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert re.fullmatch(r"error: 1 sub-action\(s\) x 100,000,000 bins: the proposal would need about 37\.7 TiB of "
+                        r"memory in an update \(this machine has [\d.,]+ [KMGT]iB available\); use fewer bins "
+                        r"\(--num-bins\) or a smaller --batch-size", result.stderr.strip())
+    assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "runs")
+
+
+def test_the_proposal_memory_estimate_counts_its_per_bin_parameters():
+    # The estimate's weight term against the parameters a real proposal has (5 copies in an update), and its
+    # activation term: one sub-action's [states, samples, bins] logits, log-softmax, probabilities, cumulative sum.
+    dim, bins, hidden = 3, 7, 16
+    params = jax.jit(aql.AQLNetwork(dim, bins, hidden).init)(jax.random.PRNGKey(0), jnp.zeros((1, 5)),
+                                                             jnp.zeros((1, 1, dim), jnp.int32))
+    per_bin = sum(x.size for x in jax.tree.leaves(params["params"]["proposal"]) if bins in x.shape)
+    assert aql.proposal_bytes(dim, bins, hidden, 256, 100) == 4 * (5 * per_bin + 4 * 256 * 100 * bins)
 
 
 def test_unknown_env_and_empty_search_exit_cleanly_from_the_command_line(tmp_path):
