@@ -363,7 +363,10 @@ def plot_figure2(q_params, trajectories, results, path, seed_label):
 
 def main(args: Args):
     check_args(args)
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: --output-dir {args.output_dir} cannot be created: {error.strerror}")
     start = time.time()
 
     probs, mu_delta, mu_gauss = figure1_trajectories(jax.random.PRNGKey(args.seed), args.fig1_steps)

@@ -274,7 +274,10 @@ def plot_curves(curves, learning_starts, path):
 
 def main(args: Args):
     check_args(args)
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: --output-dir {args.output_dir} cannot be created: {error.strerror}")
     start = time.time()
     curves = run_all(args)
     plot_curves(curves, args.learning_starts, os.path.join(args.output_dir, "climbing_game.png"))

@@ -97,8 +97,8 @@ class Args:
     m_target: int = 100
     """candidate actions evaluated per replayed transition for the target (the cached arg-max comes on top).
     Budgets split by largest remainder: at the default ratios the categorical predictor gets a sample from
-    m = 6 on, the delta predictor from m = 50 on (m = 2: one continuous, one grid sample); the start-up line
-    prints each budget's parts"""
+    m = 6 on, the delta predictor at every m from 64 on (below, at some m only: 37, 46-50, 55-62); m = 2 is one
+    continuous and one grid sample; the start-up line prints each budget's parts and warns of an empty source"""
     rho_uniform: float = 0.9
     """share of each budget sampled uniformly (of it, --grid-fraction from the bin grid, the rest continuous)"""
     grid_fraction: float = 0.5

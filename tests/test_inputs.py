@@ -144,6 +144,15 @@ def test_a_registered_env_id_that_cannot_be_made_is_one_line(script):
                                     "ImportError: needs a package this machine lacks")
 
 
+@pytest.mark.parametrize("script", ["bandit_illustration.py", "climbing_game.py"])
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path, script):
+    (tmp_path / "a_file").write_text("")
+    bad = str(tmp_path / "a_file" / "figures")  # a folder inside a file: NotADirectoryError
+    with pytest.raises(SystemExit) as exit_info:
+        SCRIPTS[script].main(SCRIPTS[script].Args(output_dir=bad))
+    assert str(exit_info.value) == f"error: --output-dir {bad} cannot be created: Not a directory"
+
+
 def readme_paths():
     """Relative link targets of the README, and the repository paths it quotes in backquotes (under a folder of the
     repository, or a file at its top), placeholders (runs/<run>/...) and what a run writes left out."""
