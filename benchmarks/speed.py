@@ -61,8 +61,8 @@ class Args:
     wolpertinger_actions: List[int] = field(default_factory=lambda: [10_000, 200_000, 1_000_000])
     """grid sizes of Pendulum-v1 at which Wolpertinger's k-NN share of a training step is measured"""
     timesteps: int = 4000
-    """environment steps of each timed training loop (the release's walker figure used 4000); at least 2000, so that
-    the steady rate is read past the first update's compilation"""
+    """environment steps of each timed training loop (the release's walker figure used 4000); at least 2500, so that
+    the steady rate is read over two log lines past the first update's compilation"""
     repeats: int = 30
     """timed repetitions of each kernel (the median is reported)"""
     output: Optional[str] = None
@@ -74,7 +74,7 @@ def check_args(args: Args) -> None:
         for agent in getattr(args, name):
             if agent not in (*AGENTS, "wolpertinger"):
                 fail(f"unknown agent {agent!r}; choose from {', '.join(AGENTS)}, wolpertinger")
-    for name, low in dict(timesteps=2000, repeats=1).items():
+    for name, low in dict(timesteps=2500, repeats=1).items():
         if getattr(args, name) < low:
             fail(f"--{name} must be >= {low}, got {getattr(args, name)}")
     for name in ("num_envs", "wolpertinger_actions"):
@@ -383,6 +383,12 @@ def device_name() -> str:
     return f"{device.platform.upper()}: {device.device_kind}"
 
 
+def save(args: Args, results: list) -> None:
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(dict(device=device_name(), jax=jax.__version__, results=results), f, indent=1)
+
+
 def main(args: Args) -> None:
     check_args(args)
     results, wolpertinger_results = [], []
@@ -391,12 +397,14 @@ def main(args: Args) -> None:
         if name == "wolpertinger":
             for num_actions in args.wolpertinger_actions:
                 wolpertinger_results.append(measure_wolpertinger(num_actions, args, matmul_ms(args.repeats)))
+                save(args, results + wolpertinger_results)
             continue
         for env_id in args.env_ids:
             for num_envs in args.num_envs:
                 print(f"measuring {name} on {env_id} with {num_envs} env(s) ...", flush=True)
                 # the matmul re-measured beside each configuration, so that each row's ratios share one moment
                 results.append(measure(name, env_id, num_envs, args, matmul_ms(args.repeats)))
+                save(args, results + wolpertinger_results)  # after each, so that a run cut short keeps what it has
     print(f"\n{device_name()}, jax {jax.__version__}")
     if results:
         print("\n| agent | task | N | steps/s after compile | physics alone | FLOP-bound | steady / FLOP-bound "
@@ -425,10 +433,6 @@ def main(args: Args) -> None:
                   f"| {r['knn_ms']:.2f} | {r['act_ms']:.2f} ({r['act_over_matmul']:.2f}x) | {r['update_ms']:.2f} "
                   f"| {r['env_step_ms']:.3f} | {r['step_ms']:.2f} | {r['knn_share_of_step']:.0%} "
                   f"| {r['steps_per_second']:.0f} |")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(dict(device=device_name(), jax=jax.__version__, results=results + wolpertinger_results), f,
-                      indent=1)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 import csv
 import itertools
+import json
 import os
+import re
 import sys
 
 import pytest
@@ -272,7 +274,7 @@ def test_a_step_splits_into_physics_action_update_and_the_rest():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--timesteps", "100"], "--timesteps must be >= 2000, got 100"),
+    (["--timesteps", "100"], "--timesteps must be >= 2500, got 100"),
     (["--num-envs", "0"], "--num-envs must be >= 1, got 0"),
     (["--agents", "dqn"], "unknown agent 'dqn'"),
     (["--env-ids", "walker-wlak"], "unknown --env-id 'walker-wlak'"),
@@ -359,3 +361,28 @@ def test_bad_flags_of_the_release_check_give_one_line(flags, message, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and len(result.stderr.splitlines()) == 1
+
+
+def test_the_gpu_table_is_what_the_measurements_say():
+    # docs/gpu.md's table by hand from docs/speed_gpu/*.json: one environment from the 4000-step run (speed_n1),
+    # 16 from the first run (its 2000-step loops at one environment end before a steady rate can be read)
+    folder = os.path.join(ROOT, "docs", "speed_gpu")
+    runs = {name: json.load(open(os.path.join(folder, f"{name}.json")))["results"]
+            for name in ("speed_n1", "speed_qmle_walker", "speed_qmle_dog", "speed_others")}
+    measured = {(r["agent"], r["env_id"], r["num_envs"]): r for name in ("speed_qmle_walker", "speed_qmle_dog",
+                "speed_others") for r in runs[name] if "num_envs" in r and r["num_envs"] == 16}
+    measured.update({(r["agent"], r["env_id"], 1): r for r in runs["speed_n1"]})
+    rows = [line.split(" | ") for line in open(os.path.join(ROOT, "docs", "gpu.md")).read().splitlines()
+            if re.match(r"\| (qmle_dmc|qtopt_cem|aql_discrete)\.py \| ", line)]
+    assert len(rows) == 12
+    for agent, env_id, n, sps, physics, parts, fraction in rows:
+        r = measured.get((agent.strip("| ")[:-3], env_id, int(n)))
+        if r is None:  # the one the lease cut short
+            assert (agent, env_id, n, sps) == ("| aql_discrete.py", "dog-walk", "1", "—")
+            continue
+        assert int(sps.replace(",", "")) == round(r["sps_after_compile"])
+        assert int(physics.replace(",", "")) == round(r["physics_sps"])
+        shown = [float(x.replace("−", "-")) for x in parts.split(", ")]
+        keys = ("physics_ms_per_step", "greedy_action_ms_per_step", "update_ms_per_step", "rest_ms_per_step")
+        assert shown == pytest.approx([r[k] for k in keys], abs=0.0051)
+        assert float(fraction.strip(" |")) == pytest.approx(r["fraction_of_flop_bound"], abs=0.0051)
