@@ -13,13 +13,16 @@ The baseline that QMLE is compared against (Tavakoli et al. 2025); its headline 
     python qtopt_cem.py --env-id walker-walk
 """
 
+import ctypes.util
 import functools
 import itertools
 import json
 import math
 import os
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # render offscreen; must be set before dm_control is imported
+# Offscreen rendering (only --capture-video renders) through EGL where its library is installed, else none:
+# dm_control loads the renderer MUJOCO_GL names when it is imported, and fails there if the library is missing.
+os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else "disable")
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # classic-control tasks render through pygame: no window
 import signal
 import sys
@@ -35,7 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import shimmy  # noqa: F401  (importing it registers the dm_control/* Gymnasium ids)
+try:
+    import shimmy  # noqa: F401  (importing it registers the dm_control/* Gymnasium ids)
+except Exception as import_error:  # a renderer named by MUJOCO_GL that this machine cannot load
+    raise SystemExit(f"error: dm_control cannot be imported with MUJOCO_GL={os.environ['MUJOCO_GL']!r}: "
+                     f"{type(import_error).__name__}: {str(import_error).rstrip('.')}; unset MUJOCO_GL to import it without a renderer")
 import tyro
 from flax.training.train_state import TrainState
 
@@ -56,7 +63,8 @@ class Args:
     wandb_entity: Optional[str] = None
     """the Weights & Biases entity (team)"""
     capture_video: bool = False
-    """record videos of the evaluation episodes to runs/{run_name}/videos (renders offscreen with EGL)"""
+    """record videos of the evaluation episodes to runs/{run_name}/videos (renders offscreen: EGL, or the
+    renderer MUJOCO_GL names; needs moviepy)"""
     save_model: bool = False
     """save the parameters, with the settings that give them meaning, to runs/{run_name}/{exp_name}.npz at the end
     (before the final evaluation; a run that stops early saves them too)"""
@@ -518,6 +526,26 @@ def record_video(env: gym.Env, video_dir: str) -> gym.Env:
     return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
 
 
+def check_rendering(env_id: str) -> None:
+    """--capture-video renders at every evaluation: render one frame now, so that a machine without an offscreen
+    renderer (or without moviepy, which writes the files) is told at start-up, not after the first training stretch."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        fail("--capture-video needs moviepy to write the videos (pip install moviepy)")
+    env = make_env(env_id, 0, render=True)
+    try:
+        env.reset(seed=0)
+        env.render()
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0].rstrip(".")
+        fail(f"--capture-video cannot render {env_id!r} with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: "
+             f"{type(error).__name__}: {reason}; offscreen rendering needs libEGL (MUJOCO_GL=egl) or OSMesa "
+             f"(MUJOCO_GL=osmesa)")
+    finally:
+        env.close()
+
+
 class MetricsLogger:
     """One CSV row per logged step under runs/{run_name}/, mirrored to W&B when tracking. A resumed run keeps
     the rows up to its checkpoint's step and appends after them."""
@@ -651,6 +679,8 @@ def main(args: Args) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.xla_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     env = make_env(args.env_id, args.seed)  # one line of error here, not in a worker, for an id it cannot use
+    if args.capture_video:
+        check_rendering(args.env_id)
     action_dim = env.action_space.shape[0]
     example_obs, _ = env.reset(seed=args.seed)
     env.close()

@@ -4,6 +4,7 @@ from Python, and the README names only paths that exist in a clone."""
 import dataclasses
 import os
 import re
+import subprocess
 import sys
 from typing import List, Optional, get_type_hints
 
@@ -142,6 +143,46 @@ def test_a_registered_env_id_that_cannot_be_made_is_one_line(script):
         del gym.registry["BrokenForTest-v0"]
     assert str(exit_info.value) == ("error: --env-id 'BrokenForTest-v0' is registered but cannot be made: "
                                     "ImportError: needs a package this machine lacks")
+
+
+AGENT_SCRIPTS = ["qmle_dmc.py", "qtopt_cem.py", "aql_discrete.py", "wolpertinger.py", "dqn_grid.py"]
+
+
+@pytest.mark.parametrize("script", AGENT_SCRIPTS)
+def test_capture_video_without_a_renderer_is_one_line_before_anything_starts(tmp_path, script):
+    # a GPU machine without libEGL: the renderer cannot start, which used to surface at the first evaluation
+    env = dict(os.environ, MUJOCO_GL="disable")
+    short = ["--total-timesteps", "200", "--learning-starts", "100", "--eval-frequency", "100", "--eval-episodes", "1"]
+    result = run_script(script, "--env-id", "cartpole-swingup", "--capture-video", *short, cwd=tmp_path, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --capture-video cannot render 'cartpole-swingup' with MUJOCO_GL='disable': RuntimeError: No OpenGL "
+        "rendering backend is available; offscreen rendering needs libEGL (MUJOCO_GL=egl) or OSMesa "
+        "(MUJOCO_GL=osmesa)"]
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("script", AGENT_SCRIPTS)
+def test_a_renderer_that_cannot_load_is_one_line_at_import(tmp_path, script):
+    # dm_control loads MUJOCO_GL's renderer when shimmy imports it, so even --help died in a traceback
+    result = run_script(script, "--help", cwd=tmp_path, env=dict(os.environ, MUJOCO_GL="nonsense"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: dm_control cannot be imported with MUJOCO_GL='nonsense': RuntimeError: ")
+    assert line.endswith("; unset MUJOCO_GL to import it without a renderer")
+
+
+@pytest.mark.parametrize("script", AGENT_SCRIPTS)
+def test_without_libegl_the_scripts_import_without_a_renderer_and_step(tmp_path, script):
+    # a machine where the EGL library cannot be found, with MUJOCO_GL unset: no renderer is asked for
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
+    code = (f"import ctypes.util, os, sys; ctypes.util.find_library = lambda name: None; sys.path.insert(0, {ROOT!r}); "
+            f"import {script[:-3]} as agent; print(os.environ['MUJOCO_GL']); env = agent.make_env('walker-walk', 0); "
+            "env.reset(seed=0); print(env.step(env.action_space.sample())[0].shape)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["disable", "(24,)"]
 
 
 @pytest.mark.parametrize("script", ["bandit_illustration.py", "climbing_game.py"])
