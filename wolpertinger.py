@@ -760,7 +760,8 @@ def restore(template, arrays: dict, option: str):
 
 def new_run_dir(args: Args) -> str:
     """runs/{env_id}__{exp_name}__{seed}__{time}, with -2, -3, ... when a run of the same second took it."""
-    stem = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    env_name = args.env_id.replace("/", "-")  # a namespaced Gymnasium id (dm_control/walker-walk-v0): one folder
+    stem = os.path.join("runs", f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}")
     for n in itertools.count(1):
         try:
             os.makedirs(stem if n == 1 else f"{stem}-{n}")

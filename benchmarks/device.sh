@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/speed_gpu.md in one command, for a machine lent for a few minutes at a time:
+# Every GPU figure of docs/gpu.md in one command, for a machine lent for a few minutes at a time:
 #
 #   bash benchmarks/device.sh OUT_DIR [SECONDS]
 #

@@ -185,6 +185,16 @@ def test_without_libegl_the_scripts_import_without_a_renderer_and_step(tmp_path,
     assert result.stdout.split() == ["disable", "(24,)"]
 
 
+@pytest.mark.parametrize("script", AGENT_SCRIPTS)
+def test_a_namespaced_env_id_makes_one_run_folder(tmp_path, monkeypatch, script):
+    # dm_control/walker-walk-v0 nested runs/dm_control/..., where learning.py's report does not look
+    monkeypatch.chdir(tmp_path)
+    module = SCRIPTS[script]
+    run_dir = module.new_run_dir(module.Args(env_id="dm_control/walker-walk-v0", exp_name="x", seed=3))
+    assert os.path.dirname(run_dir) == "runs" and os.listdir(tmp_path / "runs") == [os.path.basename(run_dir)]
+    assert os.path.basename(run_dir).startswith("dm_control-walker-walk-v0__x__3__")
+
+
 @pytest.mark.parametrize("script", ["bandit_illustration.py", "climbing_game.py"])
 def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path, script):
     (tmp_path / "a_file").write_text("")
