@@ -22,6 +22,7 @@ import os
 
 # Offscreen rendering (only --capture-video renders) through EGL where its library is installed, else none:
 # dm_control loads the renderer MUJOCO_GL names when it is imported, and fails there if the library is missing.
+MUJOCO_GL_GIVEN = "MUJOCO_GL" in os.environ
 os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else "disable")
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # classic-control tasks render through pygame: no window
 import signal
@@ -40,9 +41,13 @@ import numpy as np
 import optax
 try:
     import shimmy  # noqa: F401  (importing it registers the dm_control/* Gymnasium ids)
-except Exception as import_error:  # a renderer named by MUJOCO_GL that this machine cannot load
-    raise SystemExit(f"error: dm_control cannot be imported with MUJOCO_GL={os.environ['MUJOCO_GL']!r}: "
-                     f"{type(import_error).__name__}: {str(import_error).rstrip('.')}; unset MUJOCO_GL to import it without a renderer")
+except ModuleNotFoundError:
+    raise
+except Exception as import_error:  # a renderer this machine cannot start (libEGL without a usable EGL device)
+    raise SystemExit(f"error: dm_control cannot be imported with MUJOCO_GL={os.environ['MUJOCO_GL']!r}"
+                     f"{'' if MUJOCO_GL_GIVEN else ' (chosen because libEGL is installed)'}: "
+                     f"{type(import_error).__name__}: {str(import_error).rstrip('.')}; "
+                     "MUJOCO_GL=disable runs without a renderer (no --capture-video)")
 import tyro
 from flax.training.train_state import TrainState
 
@@ -540,8 +545,8 @@ def check_rendering(env_id: str) -> None:
     except Exception as error:
         reason = (str(error).strip().splitlines() or [""])[0].rstrip(".")
         fail(f"--capture-video cannot render {env_id!r} with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: "
-             f"{type(error).__name__}: {reason}; offscreen rendering needs libEGL (MUJOCO_GL=egl) or OSMesa "
-             f"(MUJOCO_GL=osmesa)")
+             f"{type(error).__name__}: {reason}; MuJoCo renders offscreen with libEGL (MUJOCO_GL=egl; e.g. "
+             f"apt install libegl1) or OSMesa (MUJOCO_GL=osmesa)")
     finally:
         env.close()
 

@@ -38,7 +38,7 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" \
     > "$out/versions.txt" 2>&1
 
-speed=(python3 "$repo/benchmarks/speed.py" --agents qmle_dmc --num-envs 1 16 --timesteps 2000 --repeats 10)
+speed=(python3 "$repo/benchmarks/speed.py" --agents qmle_dmc --num-envs 1 16 --timesteps 4000 --repeats 10)
 part speed_qmle_walker 130 "${speed[@]}" --env-ids walker-walk --output "$out/speed_qmle_walker.json"
 part speed_qmle_dog 130 "${speed[@]}" --env-ids dog-walk --output "$out/speed_qmle_dog.json"
 
@@ -56,5 +56,5 @@ part cache_first 70 "${cache[@]}" --exp-name cache_first
 part cache_second 50 "${cache[@]}" --exp-name cache_second
 
 part speed_others 400 python3 "$repo/benchmarks/speed.py" --agents wolpertinger qtopt_cem aql_discrete \
-    --env-ids dog-walk walker-walk --num-envs 1 16 --timesteps 2000 --repeats 10 --output "$out/speed_others.json"
+    --env-ids dog-walk walker-walk --num-envs 1 16 --timesteps 4000 --repeats 10 --output "$out/speed_others.json"
 rm -rf "$scratch"

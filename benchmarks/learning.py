@@ -181,8 +181,10 @@ def commands(args: Grid) -> List[List[str]]:
 
 
 def log_name(exp: str, cmd: List[str]) -> str:
-    """{exp}__{env_id}__{seed}.log: where a training command's console goes, under runs/logs/."""
-    return f"{exp}__{cmd[cmd.index('--env-id') + 1]}__{cmd[cmd.index('--seed') + 1]}.log"
+    """{exp}__{env_id}__{seed}.log: where a training command's console goes, under runs/logs/ (a namespaced
+    id's "/" as "-", as the scripts name their run folders)."""
+    env_name = cmd[cmd.index("--env-id") + 1].replace("/", "-")
+    return f"{exp}__{env_name}__{cmd[cmd.index('--seed') + 1]}.log"
 
 
 def run(args: Run) -> None:
