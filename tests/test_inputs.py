@@ -29,6 +29,7 @@ import speed  # noqa: E402
 SCRIPTS = {"qmle_dmc.py": qmle_dmc, "qtopt_cem.py": qtopt_cem, "aql_discrete.py": aql_discrete,
            "wolpertinger.py": wolpertinger, "dqn_grid.py": dqn_grid, "bandit_illustration.py": bandit_illustration,
            "climbing_game.py": climbing_game}
+AGENT_SCRIPTS = ["qmle_dmc.py", "qtopt_cem.py", "aql_discrete.py", "wolpertinger.py", "dqn_grid.py"]
 FLOAT_FLAGS = [(script, field.name) for script, module in SCRIPTS.items()
                for field in dataclasses.fields(module.Args) if field.type in (float, "float")]
 
@@ -116,7 +117,7 @@ def test_a_whole_number_flag_given_nan_is_one_line_and_status_1_from_the_command
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: {message}"], result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("script", ["qmle_dmc.py", "qtopt_cem.py", "aql_discrete.py", "wolpertinger.py", "dqn_grid.py"])
+@pytest.mark.parametrize("script", AGENT_SCRIPTS)
 @pytest.mark.parametrize("env_id", ["cartpole-swingup", "CartPole-v1"])
 def test_gamma_1_warns_naming_the_task_without_claiming_it_never_terminates(capsys, script, env_id):
     module = SCRIPTS[script]
@@ -132,7 +133,7 @@ def needs_a_missing_package(**kwargs):
     raise ImportError("needs a package this machine lacks\nsecond line of the message")
 
 
-@pytest.mark.parametrize("script", ["qmle_dmc.py", "qtopt_cem.py", "aql_discrete.py", "wolpertinger.py", "dqn_grid.py"])
+@pytest.mark.parametrize("script", AGENT_SCRIPTS)
 def test_a_registered_env_id_that_cannot_be_made_is_one_line(script):
     # as LunarLander-v3 without Box2D, or HalfCheetah-v2 (moved to gymnasium-robotics): in the registry, not buildable
     gym.register("BrokenForTest-v0", entry_point=needs_a_missing_package)
@@ -144,8 +145,6 @@ def test_a_registered_env_id_that_cannot_be_made_is_one_line(script):
     assert str(exit_info.value) == ("error: --env-id 'BrokenForTest-v0' is registered but cannot be made: "
                                     "ImportError: needs a package this machine lacks")
 
-
-AGENT_SCRIPTS = ["qmle_dmc.py", "qtopt_cem.py", "aql_discrete.py", "wolpertinger.py", "dqn_grid.py"]
 
 
 @pytest.mark.parametrize("script", AGENT_SCRIPTS)
