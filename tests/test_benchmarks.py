@@ -209,6 +209,28 @@ def test_speed_benchmark_tasks_exist_with_their_action_sizes(env_id):
 import speed  # noqa: E402
 
 
+def test_the_reference_matmul_is_its_fastest_call_and_kernels_their_median(monkeypatch):
+    # calls of 12, 9, 15 and 9.5 ms after the warm-up: a hiccup must not set the machine's rate
+    ticks = iter([0.0, 0.012, 1.0, 1.009, 2.0, 2.015, 3.0, 3.0095] * 2)
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: next(ticks))
+    assert speed.fastest_ms(lambda: 0, repeats=4) == pytest.approx(9.0)
+    assert speed.median_ms(lambda: 0, repeats=4) == pytest.approx(10.75)
+    shapes = []
+    monkeypatch.setattr(speed, "fastest_ms", lambda fn, x, w, repeats: shapes.append((x.shape, w.shape, repeats)))
+    speed.matmul_ms(10)
+    assert shapes == [((25_856, 256), (256, 256), 30)]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
+def test_the_speed_benchmark_names_the_cores_it_may_use(monkeypatch):
+    # a run under `taskset -c 0` gets one core's threads: its figures must not claim the machine's two
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert speed.device_name().endswith(", 1 of 2 cores")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert speed.device_name().endswith(", 2 cores")
+
+
 def test_training_sps_reads_the_steady_rate_from_the_log(monkeypatch):
     # A loop that acts at 400 steps per second until step 1000, spends 10 s compiling the update, then runs
     # at exactly 200 steps per second; each log line holds the rate since the one before, as main() logs it.
@@ -248,6 +270,9 @@ def test_speed_benchmark_times_every_agent_against_the_matmul(monkeypatch, tmp_p
         step_gflop = r["step_gflop"]
         assert r["flop_bound_sps"] == pytest.approx(matmul_rate / step_gflop)
         assert r["fraction_of_flop_bound"] == pytest.approx(234.0 / r["flop_bound_sps"])
+        # with the physics in series: 1 / (the arithmetic's seconds per step + the physics' 0.5 ms per step)
+        assert r["flop_and_physics_bound_sps"] == pytest.approx(1 / (step_gflop / matmul_rate + 0.5e-3))
+        assert r["fraction_of_flop_and_physics_bound"] == pytest.approx(234.0 / r["flop_and_physics_bound_sps"])
         assert r["speedup_after_compile"] is None  # the release ran one environment: no ratio for four
     # QMLE's target: 256 x 101 candidates, about 1.5 matmuls' worth of multiply-adds; QT-Opt's: 256 x 128
     matmul_gflop = 2 * 25_856 * 256 * 256 / 1e9
@@ -406,3 +431,58 @@ def test_the_device_script_gives_speed_py_flags_it_accepts():
     assert len(steps) == 2 and text.count("\"$repo/benchmarks/speed.py\"") == 2
     for value in steps:
         speed.check_args(speed.Args(env_ids=[], timesteps=value))
+
+
+def test_the_avx512_walker_table_is_what_its_curves_say():
+    # docs/qmle_dmc.md's 100k table from the AVX-512 machine, recomputed from the committed curves: each run's mean
+    # return over a window of episodes (by the step each ended at), then mean and standard error over the seeds
+    rows = list(csv.DictReader(open(os.path.join(ROOT, "docs", "walker_avx512", "learning_curves.csv"))))
+    runs = {}
+    for r in (r for r in rows if r["env_id"] == "walker-walk"):
+        runs.setdefault((r["exp_name"], int(r["seed"])), []).append((int(r["step"]), float(r["episodic_return"])))
+    windows = [(0, 100_000), (0, 50_000), (50_000, 100_000), (20_000, 60_000), (0, 30_000)]
+
+    def summary(exp, seeds):
+        per_window = []
+        for start, end in windows:
+            means = [sum(ret for step, ret in runs[exp, s] if start < step <= end)
+                     / sum(1 for step, _ in runs[exp, s] if start < step <= end) for s in seeds]
+            per_window.append(means)
+        per_window.append([sum(ret for _, ret in runs[exp, s][-10:]) / 10 for s in seeds])
+        out = []
+        for means in per_window:
+            mean = sum(means) / len(means)
+            se = (sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means)) ** 0.5
+            out.append((mean, se))
+        return out
+
+    doc = open(os.path.join(ROOT, "docs", "qmle_dmc.md")).read()
+    table = doc[doc.index("**The whole 100k on that machine"):].split("\n\n")[1].splitlines()[2:]
+    expected = {"authors' release": summary("release", range(1, 6)),
+                "`qmle_dmc.py` (defaults), AVX-512 machine": summary("avx512_100k", range(1, 11)),
+                "the same, seeds 1–5": summary("avx512_100k", range(1, 6))}
+    assert [line.split(" | ")[1] for line in table] == list(expected)
+    for line, cells in zip(table, expected.values()):
+        shown = re.findall(r"([\d.]+) ± ([\d.]+)", line)
+        assert len(shown) == 6
+        for (m, s), (mean, se) in zip(shown, cells):
+            assert float(m) == pytest.approx(mean, abs=0.051) and float(s) == pytest.approx(se, abs=0.051)
+
+
+def test_the_cpu_bounds_table_is_what_the_measurements_say():
+    # docs/qmle_dmc.md's table of FLOP-bound fractions with and without the physics, against its two JSON files
+    doc = open(os.path.join(ROOT, "docs", "qmle_dmc.md")).read()
+    table = doc[doc.index("**Counting the physics, and one core against two.**"):].split("\n\n")[1].splitlines()[2:]
+    measured = {}
+    for name, cores in (("speed_cpu_avx512_bounds.json", 2), ("speed_cpu_avx512_one_core.json", 1)):
+        for r in json.load(open(os.path.join(ROOT, "docs", name)))["results"]:
+            measured[r["env_id"], cores, r["num_envs"]] = r
+    assert len(table) == len(measured) == 6
+    for line in table:
+        env_id, cores, n, sps, bound, fraction, with_physics, its_fraction, cap = line.strip("| ").split(" | ")
+        r = measured[env_id, int(cores), int(n)]
+        assert (int(sps), int(bound), int(with_physics)) == (
+            round(r["sps_after_compile"]), round(r["flop_bound_sps"]), round(r["flop_and_physics_bound_sps"]))
+        assert float(fraction) == pytest.approx(r["fraction_of_flop_bound"], abs=0.0051)
+        assert float(its_fraction) == pytest.approx(r["fraction_of_flop_and_physics_bound"], abs=0.0051)
+        assert float(cap) == pytest.approx(r["flop_and_physics_bound_sps"] / r["flop_bound_sps"], abs=0.0051)
