@@ -12,8 +12,8 @@ For each agent, task and number of environments N, in one process:
   tenth of an update), at the rate this machine reaches on a dense float32 matmul of the update's largest
   shape (25,856 x 256 x 256), measured in the same run (its fastest call: the rate the machine can reach). The
   steady rate over it is how close the loop gets to what its arithmetic allows on this device. Beside it, the
-  same bound with the physics' measured time per step added: on a CPU the physics shares the cores with the
-  agent, so no loop can beat that sum;
+  same bound with the physics' measured time per step added: the loop runs physics and agent one after the
+  other, each waiting for the other's output, on a CPU on the same cores, so it cannot beat that sum;
 - the target evaluation and one whole update, as multiples of that matmul.
 
 Wolpertinger gets its own table on Pendulum-v1 grids of 1e4, 2e5 and 1e6 actions: its k-NN, whole action, update
@@ -91,14 +91,19 @@ def fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
 
-def median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
+def call_ms(fn, *args, repeats: int) -> list:
+    """Milliseconds of each of `repeats` calls, after one call that compiles and warms up."""
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def median_ms(fn, *args, repeats: int) -> float:
+    return float(np.median(call_ms(fn, *args, repeats=repeats)))
 
 
 def prefilled_buffer(agent, transitions, capacity: int):
@@ -247,20 +252,14 @@ AGENTS = {"qmle_dmc": (qmle, qmle_parts), "qtopt_cem": (qtopt, qtopt_parts), "aq
 
 
 def fastest_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return min(call_ms(fn, *args, repeats=repeats))
 
 
 def matmul_ms(repeats: int) -> float:
-    """The reference matmul's fastest of 3 x repeats calls: the rate this machine can reach. A shared machine's
-    hiccups only ever slow a call, and a median over a hiccup read 15 ms where the matmul takes 9 (and so made
-    every loop look closer to its bound); the kernels it is compared with keep their medians, so every fraction
-    of it errs low, not high."""
+    """The reference matmul's fastest of 3 x repeats calls: the rate this machine can reach. Other work on a shared
+    machine only ever slows a call; a median taken during a slow spell read 15 ms where the matmul takes 9, and so
+    made every loop look closer to its bound. Three times the calls give more chances of an undisturbed one; the
+    kernels it is compared with keep their medians, so every fraction of it errs low, not high."""
     rows, inner, cols = MATMUL_SHAPE
     x = jax.random.normal(jax.random.PRNGKey(0), (rows, inner))
     w = jax.random.normal(jax.random.PRNGKey(1), (inner, cols))
@@ -335,9 +334,10 @@ def matmul_gflop_per_ms(matmul: float) -> float:
 
 def flop_bound(parts: dict, train_frequency: int, steady_sps: float, matmul: float, physics_per_step: float) -> dict:
     """One environment step's floating-point work (the greedy action for its state, 1 / train_frequency of an
-    update) at the matmul's rate: the steps per second this device allows the loop's arithmetic. On a CPU the
-    physics runs on the same cores, in series with the agent at N = 1, so the second bound adds its measured
-    milliseconds per step: what a loop whose arithmetic ran at the matmul's rate would reach on this machine."""
+    update) at the matmul's rate: the steps per second this device allows the loop's arithmetic. The loop steps
+    the physics and then the agent, each waiting for the other's output (a vector env's step blocks too), so the
+    second bound adds the physics' measured milliseconds per step: what this loop would reach on a CPU, where
+    both share the cores, if its arithmetic ran at the matmul's rate."""
     step_gflop = parts["act_gflop"] + parts["update_gflop"] / train_frequency
     bound = 1e3 * matmul_gflop_per_ms(matmul) / step_gflop
     with_physics = 1e3 / (1e3 / bound + physics_per_step)
@@ -398,10 +398,10 @@ def measure_wolpertinger(num_actions: int, args: Args, matmul: float) -> dict:
 
 def device_name() -> str:
     device = jax.devices()[0]
-    if device.platform == "cpu":  # the cores this process may use (taskset), which XLA's threads are sized to
+    if device.platform == "cpu":  # the cores this process may use (taskset; not a cgroup quota), as XLA's threads
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        of = f" of {os.cpu_count()}" if usable != os.cpu_count() else ""
-        return f"CPU: {platform.processor() or platform.machine()}, {usable}{of} cores"
+        of_machine = f" of {os.cpu_count()}" if usable != os.cpu_count() else ""
+        return f"CPU: {platform.processor() or platform.machine()}, {usable}{of_machine} cores"
     return f"{device.platform.upper()}: {device.device_kind}"
 
 
