@@ -106,6 +106,10 @@ def median_ms(fn, *args, repeats: int) -> float:
     return float(np.median(call_ms(fn, *args, repeats=repeats)))
 
 
+def fastest_ms(fn, *args, repeats: int) -> float:
+    return min(call_ms(fn, *args, repeats=repeats))
+
+
 def prefilled_buffer(agent, transitions, capacity: int):
     """A full-size buffer holding ten copies of `transitions`, for timing updates against a realistic tree."""
     buffer = agent.buffer_init(jax.tree.map(lambda x: x[0], transitions), capacity)
@@ -249,10 +253,6 @@ def aql_parts(env_id, obs_dim, action_dim, batch, keys):
 
 
 AGENTS = {"qmle_dmc": (qmle, qmle_parts), "qtopt_cem": (qtopt, qtopt_parts), "aql_discrete": (aql, aql_parts)}
-
-
-def fastest_ms(fn, *args, repeats: int) -> float:
-    return min(call_ms(fn, *args, repeats=repeats))
 
 
 def matmul_ms(repeats: int) -> float:

@@ -146,7 +146,6 @@ def test_a_registered_env_id_that_cannot_be_made_is_one_line(script):
                                     "ImportError: needs a package this machine lacks")
 
 
-
 @pytest.mark.parametrize("script", AGENT_SCRIPTS)
 def test_capture_video_without_a_renderer_is_one_line_before_anything_starts(tmp_path, script):
     # a GPU machine without libEGL: the renderer cannot start, which used to surface at the first evaluation
