@@ -9,6 +9,8 @@ Paper: Tavakoli et al. 2024, "Learning in complex action spaces without policy g
 Sections 3.2 and 5.1, Figures 1 and 2.  Reproduce: python bandit_illustration.py  (writes to runs/bandit_illustration/; --output-dir docs/figures updates the committed figures)
 """
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -87,6 +89,9 @@ def check_args(args: Args) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.seed <= 2**31 - args.num_seeds:  # the runs' seeds, --seed + i, go to the device as int32
+        raise SystemExit(f"error: --seed must be in [0, {2**31 - args.num_seeds}] with --num-seeds {args.num_seeds}, "
+                         f"got {args.seed}")
     if args.buffer_size < args.pulls_per_step:  # a step's pulls would overwrite each other
         raise SystemExit(f"error: --buffer-size must hold the {args.pulls_per_step} pulls written per step "
                          f"(--pulls-per-step), got {args.buffer_size}")
@@ -411,6 +416,35 @@ def check_whole_numbers(cls, argv: list) -> None:
                 raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
 
 
+def tyro_complaint(boxed: str) -> str:
+    """tyro's boxed refusal of a command line as one line: its message, and the flags it suggests if any."""
+    lines = [line.strip(" \u2500\u2502\u256d\u256e\u256f\u2570") for line in boxed.splitlines()]
+    message, suggested, part = [], [], "message"
+    for line in [line for line in lines if line][1:]:  # the first is the box's title
+        if line.startswith(("Argument helptext", "For full helptext")):
+            part = "done"
+        elif line.startswith("Perhaps you meant"):
+            part = "suggestions"
+        elif part == "message":
+            message.append(line)
+        elif part == "suggestions" and line.startswith("--"):
+            suggested.append(line.split()[0])
+    said = " ".join(message) or "the command line could not be read (see --help)"
+    return said + (f" (did you mean {', '.join(suggested)}?)" if suggested else "")
+
+
+def parse_command_line(cls):
+    """The command line as a `cls`, every refusal one `error:` line and status 1 (tyro's own are boxes, status 2)."""
+    check_whole_numbers(cls, sys.argv[1:])
+    boxed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(boxed):
+            return tyro.cli(cls)
+    except SystemExit as exit_:
+        if not exit_.code:  # --help, printed on stdout
+            raise
+        raise SystemExit(f"error: {tyro_complaint(boxed.getvalue())}") from None
+
+
 if __name__ == "__main__":
-    check_whole_numbers(Args, sys.argv[1:])
-    main(tyro.cli(Args))
+    main(parse_command_line(Args))

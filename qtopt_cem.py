@@ -13,8 +13,10 @@ The baseline that QMLE is compared against (Tavakoli et al. 2025); its headline 
     python qtopt_cem.py --env-id walker-walk
 """
 
+import contextlib
 import ctypes.util
 import functools
+import io
 import itertools
 import json
 import math
@@ -671,6 +673,48 @@ def restore_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def check_seed_and_start(args) -> None:
+    """Refuse a seed the environments cannot take, before training rather than at the final evaluation: they take
+    seeds in [0, 2**32), the N training environments --seed to --seed + N - 1 and the evaluation episodes --seed +
+    10000 onwards. Warn of a run that would end before its first update."""
+    largest = 2**32 - 1 - max(args.num_envs - 1, 10_000 + args.eval_episodes - 1)
+    if not 0 <= args.seed <= largest:
+        fail(f"--seed must be in [0, {largest}], got {args.seed}")
+    if args.load_model is None and args.learning_starts >= args.total_timesteps:
+        print(f"warning: --learning-starts {args.learning_starts} is not below --total-timesteps "
+              f"{args.total_timesteps}: the run ends before its first update", file=sys.stderr)
+
+
+def start_wandb(args, run_name: str, run_dir: str, meta: Optional[dict]):
+    """The W&B run of --track (a resumed run continues its own), or one error line where W&B cannot start (most
+    often no login): a new run's folder, still empty then, is removed again."""
+    import wandb
+
+    try:
+        return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                          name=run_name, save_code=True, id=meta and meta["wandb_id"],
+                          resume="allow" if meta else None)
+    except Exception as e:
+        if meta is None and os.path.isdir(run_dir) and not os.listdir(run_dir):
+            os.rmdir(run_dir)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"--track: W&B could not start: {reason} (WANDB_MODE=offline logs to disk without an account)")
+
+
+def evaluation_video_dir(args) -> Optional[str]:
+    """Where --capture-video records a --load-model evaluation: beside the model, in videos/evaluation (a training
+    run records into its own videos/step{N})."""
+    if not args.capture_video:
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(args.load_model)), "videos", "evaluation")
+
+
+def command_path() -> str:
+    """This script's path as the user can type it from the working directory (printed commands must run there)."""
+    relative = os.path.relpath(os.path.abspath(__file__))
+    return os.path.abspath(__file__) if relative.startswith("..") else relative
+
+
 def main(args: Args) -> None:
     started = time.time()
     stop = stop_on_signals()  # from the first moment: a Ctrl-C during start-up stops the run before its loop
@@ -681,6 +725,7 @@ def main(args: Args) -> None:
         meta, saved = load_arrays(checkpoint_file(args.resume) if args.resume else args.load_model, option)
         fixed = [k for k in vars(args) if k not in RESUME_MAY_CHANGE] if args.resume else MODEL_SETTINGS
         args = saved_args(args, meta["args"], option, fixed)
+    check_seed_and_start(args)
     if args.xla_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.xla_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -704,18 +749,21 @@ def main(args: Args) -> None:
 
     if args.load_model is not None:  # the run's own evaluation seeds and CEM settings, unless given here
         restore_signals()  # an evaluation has nothing to save: Ctrl-C stops it at once
-        evaluation(restore(params, saved, "--load-model"), f"{args.load_model} on {args.env_id}")  # which task: said
+        evaluation(restore(params, saved, "--load-model"), f"{args.load_model} on {args.env_id}",  # which task: said
+                   video_dir=evaluation_video_dir(args))
+        if args.capture_video:
+            print(f"videos in {evaluation_video_dir(args)}", flush=True)
         return
 
     run_dir = args.resume.rstrip("/") if args.resume else new_run_dir(args)
+    if meta and meta["global_step"] >= args.total_timesteps:  # nothing to train: no second final evaluation
+        print(f"{run_dir} is already at step {meta['global_step']} of --total-timesteps {args.total_timesteps}: "
+              "nothing to train (a larger --total-timesteps continues it)", flush=True)
+        return
     run_name, checkpoint_path = os.path.basename(run_dir), checkpoint_file(run_dir)
     wandb_run = None
     if args.track:
-        import wandb
-
-        wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                               name=run_name, save_code=True, id=meta and meta["wandb_id"],
-                               resume="allow" if meta else None)
+        wandb_run = start_wandb(args, run_name, run_dir, meta)
     columns = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/td_loss",
                "losses/q_values", "losses/clip_gap", "cem/greedy_final_std", "cem/target_final_std",
                "cem/target_gain", "eval/episodic_return"]
@@ -819,9 +867,9 @@ def main(args: Args) -> None:
 
     saved_to = []  # the final model before the final evaluation; a run that stops early keeps its model too
     try:
-        if args.save_model or outcome != "finished":
-            saved_to.append(save_arrays(os.path.join(run_dir, f"{args.exp_name}.npz"), state.params,
-                                        dict(args=vars(args), global_step=global_step)))
+        model_path = os.path.join(run_dir, f"{args.exp_name}.npz")
+        if args.save_model or outcome != "finished" or os.path.exists(model_path):  # never a stale one
+            saved_to.append(save_arrays(model_path, state.params, dict(args=vars(args), global_step=global_step)))
         if args.checkpoint_frequency:
             saved_to.append(checkpoint())
     except Exception as e:
@@ -837,7 +885,7 @@ def main(args: Args) -> None:
     print(f"{outcome} at step {global_step}: metrics in {run_dir}/metrics.csv" + "".join(
         f", saved {path}" for path in saved_to), flush=True)
     if args.checkpoint_frequency and outcome != "finished":
-        print(f"continue with: python {SCRIPT} --resume {run_dir}", flush=True)
+        print(f"continue with: python {command_path()} --resume {run_dir}", flush=True)
     restore_signals()
     if outcome != "finished":
         sys.exit(1 if outcome == "crashed" else 128 + stop[0])
@@ -863,6 +911,35 @@ def check_whole_numbers(cls, argv: list) -> None:
                 raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
 
 
+def tyro_complaint(boxed: str) -> str:
+    """tyro's boxed refusal of a command line as one line: its message, and the flags it suggests if any."""
+    lines = [line.strip(" \u2500\u2502\u256d\u256e\u256f\u2570") for line in boxed.splitlines()]
+    message, suggested, part = [], [], "message"
+    for line in [line for line in lines if line][1:]:  # the first is the box's title
+        if line.startswith(("Argument helptext", "For full helptext")):
+            part = "done"
+        elif line.startswith("Perhaps you meant"):
+            part = "suggestions"
+        elif part == "message":
+            message.append(line)
+        elif part == "suggestions" and line.startswith("--"):
+            suggested.append(line.split()[0])
+    said = " ".join(message) or "the command line could not be read (see --help)"
+    return said + (f" (did you mean {', '.join(suggested)}?)" if suggested else "")
+
+
+def parse_command_line(cls):
+    """The command line as a `cls`, every refusal one `error:` line and status 1 (tyro's own are boxes, status 2)."""
+    check_whole_numbers(cls, sys.argv[1:])
+    boxed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(boxed):
+            return tyro.cli(cls)
+    except SystemExit as exit_:
+        if not exit_.code:  # --help, printed on stdout
+            raise
+        raise SystemExit(f"error: {tyro_complaint(boxed.getvalue())}") from None
+
+
 if __name__ == "__main__":
-    check_whole_numbers(Args, sys.argv[1:])
-    main(tyro.cli(Args))
+    main(parse_command_line(Args))

@@ -329,8 +329,9 @@ def main(args) -> None:
         print(f"{len(runs)} runs of {args.total_timesteps} steps, {args.jobs} at a time", flush=True)
         for warning in costs(runs):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
-        learning.launch([cmd for cmd, _ in runs], [os.path.join(args.runs_dir, "logs", log) for _, log in runs],
-                        args.jobs, args.pin_cores, args.runs_dir)
+        if learning.launch([cmd for cmd, _ in runs], [os.path.join(args.runs_dir, "logs", log) for _, log in runs],
+                           args.jobs, args.pin_cores, args.runs_dir):
+            raise SystemExit(1)  # some runs failed (named above): a script or cluster job waiting on this must see it
     else:
         os.makedirs(args.output_dir, exist_ok=True)
         for number in args.figures:

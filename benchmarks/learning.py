@@ -15,9 +15,13 @@ Each mode has its own --help. Extra flags go to every training command as one st
 --extra="--target-network-frequency 2000".
 """
 
+import ast
+import contextlib
 import csv
 import glob
+import io
 import itertools
+import json
 import math
 import os
 import re
@@ -25,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+import types
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Annotated, List, Optional, Union, get_args, get_type_hints
@@ -168,6 +173,99 @@ def check(args) -> None:
                 fail(f"--{option.replace('_', '-')}: no such file: {path}")
     if isinstance(args, Grid) and not os.path.isfile(os.path.join(ROOT, args.script)):
         fail(f"--script: no such file: {args.script}")
+    for option in ("env_ids", "seeds"):  # an empty list is a grid of no runs: nothing to print or run
+        if getattr(args, option, [None]) == []:
+            fail(f"--{option.replace('_', '-')} was given no values")
+    if isinstance(args, Grid):  # what every one of its runs would refuse, refused once, before any starts
+        check_extra(args)
+        check_env_ids(args.env_ids)
+
+
+GRID_FLAGS = ("--env-id", "--seed", "--total-timesteps", "--exp-name")  # what commands() sets for each run
+
+
+def check_extra(args: Grid) -> None:
+    """Refuse --extra flags the training script would refuse (unknown, or a value its parser rejects), and flags
+    the grid sets itself: given again they would win over the grid's (every seed the same seed)."""
+    try:
+        flags = shlex.split(args.extra)
+    except ValueError as error:
+        fail(f"--extra {args.extra!r}: {error}")
+    for flag in flags:
+        if flag.partition("=")[0].replace("_", "-") in GRID_FLAGS:
+            fail(f"--extra {args.extra!r}: {flag.partition('=')[0]} is set by the grid for each run (--env-ids, "
+                 "--seeds, --total-timesteps, --exp-name)")
+    if not flags:
+        return
+    not_checked = f"note: --extra not checked here ({args.script}'s Args needs more than its source); its runs check it"
+    script_args = args_class_of(os.path.join(ROOT, args.script))
+    if script_args is None:
+        print(not_checked, file=sys.stderr)
+        return
+    said = io.StringIO()
+    try:  # the script's own parser, as its __main__ calls it; its boxed complaint becomes one line
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            _, unknown = tyro.cli(script_args, args=flags, return_unknown_args=True)
+    except SystemExit:
+        lines = [line.strip(" -\u2500\u2502\u256d\u256e\u256f\u2570") for line in said.getvalue().splitlines()]
+        fail(f"--extra {args.extra!r}: {args.script} refuses it: {': '.join([line for line in lines if line][:2])}")
+    except Exception:  # the class rebuilt from source is not quite the script's: its runs are the judge
+        print(not_checked, file=sys.stderr)
+        return
+    if unknown:
+        named = [flag.partition("=")[0] for flag in unknown if flag.startswith("-")]
+        fail(f"--extra {args.extra!r}: {args.script} has no flag {', '.join(named)}" if named else
+             f"--extra {args.extra!r}: {args.script} takes no value {unknown[0]!r} without a flag")
+
+
+def args_class_of(path: str) -> Optional[type]:
+    """The training script's Args dataclass, built from its source: importing the script would import JAX
+    (seconds), while its Args needs only the dataclass and typing names and os. None where it needs more."""
+    try:
+        tree = ast.parse(open(path).read(), path)
+        light = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+                 and {(node.module if isinstance(node, ast.ImportFrom) else alias.name) for alias in node.names}
+                 <= {"dataclasses", "typing", "os", "sys", "math"}]
+        (args_class,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args"]
+        module = types.ModuleType("training_script_args")
+        module.__file__ = path  # defaults such as exp_name's are computed from it
+        sys.modules[module.__name__] = module  # where tyro finds the class's source, for its flags' help
+        exec(compile(ast.Module(body=[*light, args_class], type_ignores=[]), path, "exec"), module.__dict__)
+        return module.Args
+    except Exception:
+        return None
+
+
+# Run in a child Python, as the scripts decide it (make_env): a DeepMind Control task domain-task, or a Gymnasium
+# id, with shimmy's dm_control/* ids registered. A child because importing dm_control loads the renderer MUJOCO_GL
+# names (none is needed to look up ids), and this process's environment is what its runs inherit.
+KNOWN_ENV_IDS = """
+import difflib, json, sys
+import gymnasium as gym
+import shimmy
+from dm_control import suite
+
+dmc = [f"{domain}-{task}" for domain, task in suite.ALL_TASKS]
+unknown = [i for i in json.loads(sys.argv[1])
+           if (f"dm_control/{i}-v0" if tuple(i.split("-", 1)) in suite.ALL_TASKS else i) not in gym.registry]
+print(json.dumps({i: (difflib.get_close_matches(i, dmc + list(gym.registry), 1) or [None])[0] for i in unknown}))
+"""
+
+
+def check_env_ids(env_ids: List[str]) -> None:
+    """Refuse ids that are neither a DeepMind Control task nor a Gymnasium id, with the nearest known id. Whether
+    a known id suits the script (Box or discrete actions) its runs still check."""
+    child = subprocess.run([sys.executable, "-c", KNOWN_ENV_IDS, json.dumps(env_ids)], capture_output=True,
+                           text=True, env=dict(os.environ, MUJOCO_GL="disable"))
+    if child.returncode != 0:  # no gymnasium or dm_control here (a login node): the runs check their own id
+        last = (child.stderr.strip().splitlines() or ["(nothing said)"])[-1]
+        print(f"note: --env-ids not checked here ({last}); each run checks its own", file=sys.stderr)
+        return
+    unknown = json.loads(child.stdout)
+    if unknown:
+        fail("unknown --env-ids " + ", ".join(f"{i!r}" + (f" (did you mean {near!r}?)" if near else "")
+                                               for i, near in unknown.items())
+             + "; DeepMind Control tasks are domain-task (walker-walk), else a Gymnasium id (Pendulum-v1)")
 
 
 def exp_name(args: Grid) -> str:
@@ -189,12 +287,15 @@ def log_name(exp: str, cmd: List[str]) -> str:
 
 def run(args: Run) -> None:
     cmds = commands(args)
-    launch(cmds, [os.path.join(args.runs_dir, "logs", log_name(exp_name(args), cmd)) for cmd in cmds], args.jobs,
-           args.pin_cores, args.runs_dir)
+    failed = launch(cmds, [os.path.join(args.runs_dir, "logs", log_name(exp_name(args), cmd)) for cmd in cmds],
+                    args.jobs, args.pin_cores, args.runs_dir)
+    if failed:  # after the summary, so that a script or a cluster job waiting on this runner sees it
+        raise SystemExit(1)
 
 
-def launch(cmds: List[List[str]], logs: List[str], jobs: int, pin_cores: bool, runs_dir: str) -> None:
-    """Run the commands, `jobs` at a time, each writing its console to its log, from runs_dir's parent folder."""
+def launch(cmds: List[List[str]], logs: List[str], jobs: int, pin_cores: bool, runs_dir: str) -> int:
+    """Run the commands, `jobs` at a time, each writing its console to its log, from runs_dir's parent folder.
+    Returns how many failed."""
     todo, running, cores = list(enumerate(zip(cmds, logs))), [], os.cpu_count() or 1
     os.makedirs(os.path.join(runs_dir, "logs"), exist_ok=True)
     # Runs that share one GPU must not each take most of its memory up front (JAX's default).
@@ -215,6 +316,7 @@ def launch(cmds: List[List[str]], logs: List[str], jobs: int, pin_cores: bool, r
         last = (open(log).read().strip().splitlines() or ["(nothing written)"])[-1]
         print(f"failed (exit status {code}), {log}: {last}", flush=True)
     print(f"{len(started) - len(failed)} of {len(started)} runs finished", flush=True)
+    return len(failed)
 
 
 def read_metric(runs_dir: str, exp: str, column: str) -> dict:

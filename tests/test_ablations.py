@@ -143,7 +143,7 @@ def test_the_launcher_runs_every_command_into_its_own_log_jobs_at_a_time_and_nam
     cmds = [[sys.executable, "-c", f"import os; print({i}, os.getcwd())"] for i in range(3)]
     cmds.append([sys.executable, "-c", "raise SystemExit('error: refused')"])
     logs = [str(runs / "logs" / f"{i}.log") for i in range(4)]
-    ablations.learning.launch(cmds, logs, jobs=2, pin_cores=False, runs_dir=str(runs))
+    assert ablations.learning.launch(cmds, logs, jobs=2, pin_cores=False, runs_dir=str(runs)) == 1  # failures counted
     # each from the runs folder's parent, so that the runs' own runs/ is this one
     assert [open(log).read() for log in logs[:3]] == [f"{i} {tmp_path}\n" for i in range(3)]
     out = capsys.readouterr().out.splitlines()

@@ -9,6 +9,8 @@ import sys
 from typing import List, Optional, get_type_hints
 
 import gymnasium as gym
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import aql_discrete
@@ -201,6 +203,86 @@ def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path, script):
     with pytest.raises(SystemExit) as exit_info:
         SCRIPTS[script].main(SCRIPTS[script].Args(output_dir=bad))
     assert str(exit_info.value) == f"error: --output-dir {bad} cannot be created: Not a directory"
+
+
+@pytest.mark.parametrize("script", AGENT_SCRIPTS)
+def test_a_seed_the_environments_cannot_take_is_one_line_before_anything_starts(tmp_path, script):
+    result = run_script(script, "--seed", "-1", cwd=tmp_path)
+    largest = 2**32 - 1 - 10_000  # the default one evaluation episode resets with --seed + 10000
+    assert result.returncode == 1 and result.stderr.strip() == f"error: --seed must be in [0, {largest}], got -1"
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_the_largest_seed_accepted_is_one_every_reset_of_a_run_takes():
+    # three evaluation episodes reset with --seed + 10000, + 10001 and + 10002: Gymnasium's own limit must admit the
+    # last of them for the largest accepted seed, and refuse one past it (a tighter check would refuse good seeds)
+    args = qmle_dmc.Args(env_id="cartpole-swingup", eval_episodes=3)
+    largest = 2**32 - 1 - 10_002
+    qmle_dmc.check_seed_and_start(dataclasses.replace(args, seed=largest))
+    with pytest.raises(SystemExit, match=rf"^error: --seed must be in \[0, {largest}\], got {largest + 1}$"):
+        qmle_dmc.check_seed_and_start(dataclasses.replace(args, seed=largest + 1))
+    env = qmle_dmc.make_env("cartpole-swingup", largest)  # DeepMind Control's seeds are numpy's: below 2**32
+    env.reset(seed=largest + 10_002)
+    with pytest.raises(Exception, match="Seed must be"):
+        env.reset(seed=largest + 10_003)
+    many = dataclasses.replace(args, num_envs=20_000)  # environments --seed ... --seed + 19999 outnumber the episodes
+    qmle_dmc.check_seed_and_start(dataclasses.replace(many, seed=2**32 - 20_000))
+    with pytest.raises(SystemExit):
+        qmle_dmc.check_seed_and_start(dataclasses.replace(many, seed=2**32 - 19_999))
+
+
+@pytest.mark.parametrize("script", AGENT_SCRIPTS)
+def test_a_run_that_would_end_before_its_first_update_is_warned_of(capsys, script):
+    module = SCRIPTS[script]
+    module.check_seed_and_start(module.Args(total_timesteps=5000, learning_starts=4999))
+    assert capsys.readouterr().err == ""
+    module.check_seed_and_start(module.Args(total_timesteps=5000, learning_starts=5000))
+    assert capsys.readouterr().err == ("warning: --learning-starts 5000 is not below --total-timesteps 5000: the run "
+                                       "ends before its first update\n")
+
+
+@pytest.mark.parametrize("module", [bandit_illustration, climbing_game])
+def test_an_illustration_takes_only_seeds_its_int32_keys_hold(module):
+    args = module.Args(num_seeds=4)  # seeds --seed ... --seed + 3
+    module.check_args(dataclasses.replace(args, seed=2**31 - 4))
+    assert int(jnp.asarray(2**31 - 4 + np.arange(4))[-1]) == 2**31 - 1  # the last run's seed reaches JAX intact
+    for bad in (-1, 2**31 - 3):
+        with pytest.raises(SystemExit, match=rf"^error: --seed must be in \[0, {2**31 - 4}\] with --num-seeds 4, "
+                                             rf"got {bad}$"):
+            module.check_args(dataclasses.replace(args, seed=bad))
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    *[(script, ["--env-idd", "x"], "Unrecognized options: --env-idd, x (did you mean --env-id?)")
+      for script in AGENT_SCRIPTS],
+    *[(script, ["--num-seedz", "2"], "Unrecognized options: --num-seedz, 2 (did you mean --num-seeds?)")
+      for script in ("bandit_illustration.py", "climbing_game.py")],
+    ("qmle_dmc.py", ["--learning-rate", "abc"], "Error parsing --learning-rate: could not convert string to float: 'abc'"),
+    ("qmle_dmc.py", ["--categorical-loss", "foo"],
+     "invalid choice 'foo' for argument '--categorical-loss'. Expected one of ('logits', 'softmax-twice')."),
+    ("qmle_dmc.py", ["--seed"], "Missing value for argument '--seed'. Expected 1 values."),
+    ("qmle_dmc.py", ["--track", "yes"], "Unrecognized options: yes"),
+])
+def test_a_command_line_the_parser_refuses_is_one_line_and_status_1(tmp_path, script, flags, message):
+    result = run_script(script, *flags, cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.splitlines() == [f"error: {message}"], result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_help_is_still_tyros_whole_help_on_stdout(tmp_path):
+    result = run_script("qmle_dmc.py", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "" and "--m-target INT" in result.stdout
+
+
+def test_track_without_a_wandb_login_is_one_line_and_leaves_no_run_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))  # no saved login either
+    result = run_script("qmle_dmc.py", "--env-id", "cartpole-swingup", "--total-timesteps", "300", "--learning-starts",
+                        "100", "--track", cwd=tmp_path, env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: --track: W&B could not start: ") and "WANDB_MODE=offline" in lines[0]
+    assert os.listdir(tmp_path / "runs") == []
 
 
 def readme_paths():

@@ -6,8 +6,9 @@ import os
 import sys
 
 import matplotlib.figure
+import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import learning  # noqa: E402
@@ -68,3 +69,60 @@ def test_each_system_has_one_colour_in_every_figure_and_the_band_is_explained(mo
     assert texts == ["authors' release (3 seeds)", "qmle_dmc.py (3 seeds)", "target period 2000 (3 seeds)",
                      "aql (3 seeds)"]
     assert "±1 standard error" in legend.get_title().get_text()
+
+
+def test_a_runner_whose_runs_failed_exits_1_after_its_summary(tmp_path):
+    # a training script that fails at once for odd seeds (no JAX to import): which runs fail is known beforehand
+    script = tmp_path / "odd_seeds_fail.py"
+    script.write_text("import sys\n"
+                      "seed = int(sys.argv[sys.argv.index('--seed') + 1])\n"
+                      "sys.exit('error: odd seed' if seed % 2 else 0)\n")
+    for seeds in (["2", "4"], ["1", "2"]):
+        failing = [seed for seed in seeds if int(seed) % 2]
+        result = run_script(os.path.join("benchmarks", "learning.py"), "run", "--script", str(script), "--env-ids",
+                            "Pendulum-v1", "--seeds", *seeds, "--runs-dir", str(tmp_path / "runs"), timeout=60)
+        assert result.returncode == (1 if failing else 0), result.stderr
+        lines = result.stdout.strip().splitlines()
+        assert lines[-1] == f"{len(seeds) - len(failing)} of {len(seeds)} runs finished"  # said before it exits
+        assert [line for line in lines if line.startswith("failed")] == [
+            f"failed (exit status 1), {tmp_path / 'runs' / 'logs' / f'odd_seeds_fail__Pendulum-v1__{seed}.log'}: "
+            "error: odd seed" for seed in failing]
+
+
+UNKNOWN_ENV_ID = ("unknown --env-ids 'cartpole-swing' (did you mean 'cartpole-swingup'?); DeepMind Control tasks are "
+                  "domain-task (walker-walk), else a Gymnasium id (Pendulum-v1)")
+
+
+@pytest.mark.parametrize("mode, flags, message", [
+    ("print", ["--env-ids", "walker-walk", "cartpole-swing"], UNKNOWN_ENV_ID),
+    ("run", ["--env-ids", "walker-walk", "cartpole-swing"], UNKNOWN_ENV_ID),
+    ("print", ["--seeds"], "--seeds was given no values"),
+    ("run", ["--seeds"], "--seeds was given no values"),
+    ("print", ["--env-ids"], "--env-ids was given no values"),
+    ("print", ["--extra=--learning-startz 5"],
+     "--extra '--learning-startz 5': qmle_dmc.py has no flag --learning-startz"),
+    ("print", ["--extra=--k 7"], "--extra '--k 7': qmle_dmc.py has no flag --k"),  # wolpertinger.py's, not this one's
+    ("print", ["--extra=--learning-starts 1.5"], "--extra '--learning-starts 1.5': qmle_dmc.py refuses it: "),
+    ("run", ["--extra=--learning-starts"], "--extra '--learning-starts': qmle_dmc.py refuses it: "),
+    ("print", ["--extra=--seed 7"], "--extra '--seed 7': --seed is set by the grid for each run (--env-ids, --seeds, "
+                                    "--total-timesteps, --exp-name)"),
+])
+def test_a_grid_its_runs_would_refuse_is_refused_in_one_line_before_any_starts(tmp_path, mode, flags, message):
+    # --total-timesteps 10: a run started by mistake ends soon
+    result = run_script(os.path.join("benchmarks", "learning.py"), mode, "--total-timesteps", "10", *flags,
+                        cwd=tmp_path, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    # a parser's complaint ends in its own words (tyro's); ours are whole
+    assert line.startswith(f"error: {message}") if message.endswith("refuses it: ") else line == f"error: {message}"
+    assert not os.path.exists(tmp_path / "runs")  # nothing started
+
+
+def test_a_grid_its_script_accepts_is_printed_whole(tmp_path):
+    result = run_script(os.path.join("benchmarks", "learning.py"), "print", "--script", "wolpertinger.py",
+                        "--env-ids", "Pendulum-v1", "walker-walk", "--seeds", "1", "2", "3",
+                        "--extra=--k 7 --no-prioritized-replay --learning-rate=3e-4", cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and result.stderr == ""
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 * 3 and all(line.endswith("--k 7 --no-prioritized-replay --learning-rate=3e-4")
+                                       for line in lines)

@@ -6,7 +6,10 @@ import glob
 import itertools
 import json
 import os
+import shlex
 import struct
+import subprocess
+import sys
 
 import imageio
 import jax
@@ -16,7 +19,7 @@ import optax
 import pytest
 
 import qmle_dmc as q
-from conftest import counting_compiles, interrupt, q_reference, run_in_process, run_script, saved
+from conftest import ROOT, counting_compiles, interrupt, q_reference, run_in_process, run_script, saved
 
 OBS_DIM, ACTION_DIM = 5, 2
 
@@ -683,6 +686,23 @@ def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path
     wrong = run_script("qmle_dmc.py", "--resume", os.path.relpath(run_dir, tmp_path), "--seed", "2", cwd=tmp_path)
     assert wrong.returncode == 1 and wrong.stderr.strip() == "error: --resume: --seed 2 differs from the saved run's 1"
 
+    # The printed command runs as printed, from where the run was started (here not the script's folder), ...
+    (command,) = [line.removeprefix("continue with: ") for line in stdout.splitlines() if line.startswith("continue")]
+    python, script, *flags = shlex.split(command)
+    assert python == "python" and os.path.samefile(os.path.join(tmp_path, script), os.path.join(ROOT, "qmle_dmc.py"))
+    end = str(meta["global_step"] + 200)
+    resumed = subprocess.run([sys.executable, script, *flags, "--total-timesteps", end], cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0 and f"finished at step {end}" in resumed.stdout, resumed.stderr[-2000:]
+    # ... and the model the interrupt saved is replaced by the finished run's, not left behind at the interrupt's step
+    assert q.load_arrays(os.path.join(run_dir, "qmle_dmc.npz"), "--load-model")[0]["global_step"] == int(end)
+    # A finished run resumed without more steps trains nothing and logs nothing, not even one more evaluation
+    metrics = open(os.path.join(run_dir, "metrics.csv")).read()
+    again = subprocess.run([sys.executable, script, *flags, "--eval-frequency", "100"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and f"is already at step {end} of --total-timesteps {end}" in again.stdout
+    assert open(os.path.join(run_dir, "metrics.csv")).read() == metrics
+
 
 def test_sigint_during_start_up_stops_before_training_without_a_traceback(tmp_path):
     flags = smoke_flags("Pendulum-v1", total_timesteps=1_000_000, eval_frequency=0)
@@ -760,6 +780,16 @@ def test_evaluation_records_a_video_offscreen(tmp_path):
     # a frame per step plus the reset frame (the encoder may pad one); InvertedPendulum pays 1 per step
     assert int(returns[0]) + 1 <= reader.count_frames() <= int(returns[0]) + 2
     assert frame.ndim == 3 and frame.shape[-1] == 3 and frame.std() > 1  # a rendered image, not a blank
+
+
+def test_a_saved_models_evaluation_records_its_video_beside_the_model(tmp_path, monkeypatch, capsys):
+    run_dir, _ = train_in_process(tmp_path, monkeypatch, total_timesteps=200, save_model=True, checkpoint_frequency=200)
+    model = os.path.join(tmp_path, run_dir, "qmle_dmc.npz")
+    q.main(q.Args(load_model=model, capture_video=True, eval_episodes=1, xla_cache=""))
+    videos = os.path.join(tmp_path, run_dir, "videos", "evaluation")
+    assert f"videos in {videos}" in capsys.readouterr().out
+    (video,) = glob.glob(os.path.join(videos, "*.mp4"))
+    assert imageio.get_reader(video).count_frames() == 201  # one Pendulum-v1 episode: the reset frame and 200 steps
 
 
 @pytest.mark.parametrize("env_id, fps", [("cartpole-swingup", 100), ("Pendulum-v1", 20)])  # Pendulum steps 0.05 s

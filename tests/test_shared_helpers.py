@@ -12,7 +12,8 @@ from conftest import ROOT
 AGENTS = ["qmle_dmc.py", "qtopt_cem.py", "aql_discrete.py", "wolpertinger.py", "dqn_grid.py"]
 SHARED = ["adam", "fail", "flag", "check_whole_numbers", "dmc_gym_id", "make_envs", "make_worker_env", "record_video",
           "MetricsLogger", "new_run_dir", "save_arrays", "named_leaves", "checkpoint_file", "load_arrays", "restore",
-          "saved_args", "stop_on_signals", "restore_signals"]
+          "saved_args", "stop_on_signals", "restore_signals", "check_seed_and_start", "start_wandb", "evaluation_video_dir",
+          "command_path", "tyro_complaint", "parse_command_line"]
 
 
 @functools.cache
@@ -33,3 +34,9 @@ def test_each_shared_helper_is_the_same_in_every_agent_script(name):
 @pytest.mark.parametrize("script", ["bandit_illustration.py", "climbing_game.py", "benchmarks/learning.py"])
 def test_the_other_scripts_check_whole_numbers_as_the_agents_do(script):
     assert top_level_sources(script)["check_whole_numbers"] == top_level_sources("qmle_dmc.py")["check_whole_numbers"]
+
+
+@pytest.mark.parametrize("name", ["tyro_complaint", "parse_command_line"])
+@pytest.mark.parametrize("script", ["bandit_illustration.py", "climbing_game.py"])
+def test_the_illustrations_read_their_command_line_as_the_agents_do(script, name):
+    assert top_level_sources(script)[name] == top_level_sources("qmle_dmc.py")[name]
