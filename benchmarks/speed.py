@@ -13,7 +13,9 @@ For each agent, task and number of environments N, in one process:
   shape (25,856 x 256 x 256), measured in the same run (its fastest call: the rate the machine can reach). The
   steady rate over it is how close the loop gets to what its arithmetic allows on this device. Beside it, the
   same bound with the physics' measured time per step added: the loop runs physics and agent one after the
-  other, each waiting for the other's output, on a CPU on the same cores, so it cannot beat that sum;
+  other, each waiting for the other's output, on a CPU on the same cores, so it cannot beat that sum. Last, the
+  rate of the jitted calls alone as they were timed (no physics, no Python): over the FLOP-bound rate, the most
+  of it the loop could reach until the kernels themselves get faster;
 - the target evaluation and one whole update, as multiples of that matmul.
 
 Wolpertinger gets its own table on Pendulum-v1 grids of 1e4, 2e5 and 1e6 actions: its k-NN, whole action, update
@@ -305,11 +307,12 @@ def measure(agent_name: str, env_id: str, num_envs: int, args: Args, matmul: flo
     physics = physics_ms(env_id, num_envs)
     cumulative_sps, steady_sps = training_sps(agent, env_id, args.timesteps, num_envs)
     release = RELEASE_SPS.get(env_id) if num_envs == 1 else None
+    step = breakdown(num_envs, train_frequency, steady_sps, physics, act_ms, update_ms)
+    bounds = flop_bound(parts, train_frequency, steady_sps, matmul, physics / num_envs)
     return dict(agent=agent_name, env_id=env_id, num_envs=num_envs, action_dim=action_dim, obs_dim=obs_dim,
                 sps_cumulative=cumulative_sps, sps_after_compile=steady_sps, physics_sps=1e3 * num_envs / physics,
                 release_sps=release, speedup_after_compile=steady_sps / release if release else None,
-                **breakdown(num_envs, train_frequency, steady_sps, physics, act_ms, update_ms),
-                **flop_bound(parts, train_frequency, steady_sps, matmul, physics / num_envs),
+                **step, **bounds, **kernels_bound(step, bounds["flop_bound_sps"]),
                 matmul_ms=matmul, target_eval_ms=target_ms, target_eval_over_matmul=target_ms / matmul,
                 update_ms=update_ms, update_over_matmul=update_ms / matmul, greedy_action_ms=act_ms,
                 target_eval_gflop=parts["target_gflop"],
@@ -396,6 +399,14 @@ def measure_wolpertinger(num_actions: int, args: Args, matmul: float) -> dict:
                 env_step_ms=env_ms, step_ms=step_ms, knn_share_of_step=knn_ms / step_ms, steps_per_second=1e3 / step_ms)
 
 
+def kernels_bound(step: dict, flop_bound_sps: float) -> dict:
+    """The rate of the jitted calls alone, as timed: the greedy action's and the update's milliseconds per step
+    back to back, with no physics and no Python. Over the FLOP-bound rate, it is the most of that rate the loop
+    could reach with its kernels as fast as they are now; only faster kernels can raise it."""
+    sps = 1e3 / (step["greedy_action_ms_per_step"] + step["update_ms_per_step"])
+    return dict(kernels_bound_sps=sps, kernels_cap_on_fraction=sps / flop_bound_sps)
+
+
 def device_name() -> str:
     device = jax.devices()[0]
     if device.platform == "cpu":  # the cores this process may use (taskset; not a cgroup quota), as XLA's threads
@@ -430,14 +441,15 @@ def main(args: Args) -> None:
     print(f"\n{device_name()}, jax {jax.__version__}")
     if results:
         print("\n| agent | task | N | steps/s after compile | physics alone | FLOP-bound | steady / FLOP-bound "
-              "| FLOP + physics bound (steady / it) | ms per step: physics, greedy action, update, rest "
-              "| steps/s cumulative (x release) |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| FLOP + physics bound (steady / it) | kernels alone (over FLOP-bound) "
+              "| ms per step: physics, greedy action, update, rest | steps/s cumulative (x release) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             release = f" ({r['sps_cumulative'] / r['release_sps']:.2f}x)" if r["release_sps"] else ""
             print(f"| {r['agent']} | {r['env_id']} | {r['num_envs']} | {r['sps_after_compile']:.0f} "
                   f"| {r['physics_sps']:.0f} | {r['flop_bound_sps']:.0f} | {r['fraction_of_flop_bound']:.2f} "
                   f"| {r['flop_and_physics_bound_sps']:.0f} ({r['fraction_of_flop_and_physics_bound']:.2f}) "
+                  f"| {r['kernels_bound_sps']:.0f} ({r['kernels_cap_on_fraction']:.2f}) "
                   f"| {r['physics_ms_per_step']:.2f}, {r['greedy_action_ms_per_step']:.2f}, "
                   f"{r['update_ms_per_step']:.2f}, {r['rest_ms_per_step']:.2f} | {r['sps_cumulative']:.0f}{release} |")
         print("\n| agent | task | N | matmul ms | target eval ms (x matmul) | its FLOP rate / matmul's "

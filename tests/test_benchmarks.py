@@ -3,6 +3,7 @@
 import csv
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -274,6 +275,10 @@ def test_speed_benchmark_times_every_agent_against_the_matmul(monkeypatch, tmp_p
         # with the physics in series: 1 / (the arithmetic's seconds per step + the physics' 0.5 ms per step)
         assert r["flop_and_physics_bound_sps"] == pytest.approx(1 / (step_gflop / matmul_rate + 0.5e-3))
         assert r["fraction_of_flop_and_physics_bound"] == pytest.approx(234.0 / r["flop_and_physics_bound_sps"])
+        # the kernels alone: a vector step's greedy action shared by 4, an update call by 20 steps, nothing else
+        kernel_seconds_per_step = (r["greedy_action_ms"] / 4 + r["update_ms"] / 20) / 1e3
+        assert r["kernels_bound_sps"] == pytest.approx(1 / kernel_seconds_per_step)
+        assert r["kernels_cap_on_fraction"] == pytest.approx(step_gflop / matmul_rate / kernel_seconds_per_step)
         assert r["speedup_after_compile"] is None  # the release ran one environment: no ratio for four
     # QMLE's target: 256 x 101 candidates, about 1.5 matmuls' worth of multiply-adds; QT-Opt's: 256 x 128
     matmul_gflop = 2 * 25_856 * 256 * 256 / 1e9
@@ -434,41 +439,91 @@ def test_the_device_script_gives_speed_py_flags_it_accepts():
         speed.check_args(speed.Args(env_ids=[], timesteps=value))
 
 
-def test_the_avx512_100k_table_is_what_its_curves_say():
-    # docs/qmle_dmc.md's 100k table from the AVX-512 machine, recomputed from the committed curves: each run's mean
-    # return over a window of episodes (by the step each ended at), then mean and standard error over the seeds
-    rows = list(csv.DictReader(open(os.path.join(ROOT, "docs", "avx512_100k", "learning_curves.csv"))))
+def committed_curves(folder: str) -> dict:
+    """(env_id, exp_name, seed) -> [(step, return)] of one docs folder's learning_curves.csv."""
     runs = {}
-    for r in rows:
+    for r in csv.DictReader(open(os.path.join(ROOT, "docs", folder, "learning_curves.csv"))):
         runs.setdefault((r["env_id"], r["exp_name"], int(r["seed"])), []).append(
             (int(r["step"]), float(r["episodic_return"])))
-    windows = [(0, 100_000), (0, 50_000), (50_000, 100_000), (20_000, 60_000), (0, 30_000)]
+    return runs
 
-    def summary(env_id, exp, seeds):
-        per_window = [[sum(ret for step, ret in runs[env_id, exp, s] if start < step <= end)
-                       / sum(1 for step, _ in runs[env_id, exp, s] if start < step <= end) for s in seeds]
-                      for start, end in windows]
-        per_window.append([sum(ret for _, ret in runs[env_id, exp, s][-10:]) / 10 for s in seeds])
-        out = []
-        for means in per_window:
-            mean = sum(means) / len(means)
-            se = (sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means)) ** 0.5
-            out.append((mean, se))
-        return out
 
+def window_summary(runs: dict, env_id: str, exp: str, seeds, windows) -> list:
+    """Each run's mean return over a window of episodes (by the step each ended at), or over its last 10 episodes
+    for the window "last 10"; then (mean, standard error) over the seeds, window by window."""
+    out = []
+    for window in windows:
+        means = []
+        for s in seeds:
+            episodes = runs[env_id, exp, s]
+            returns = ([ret for _, ret in episodes[-10:]] if window == "last 10"
+                       else [ret for step, ret in episodes if window[0] < step <= window[1]])
+            means.append(sum(returns) / len(returns))
+        mean = sum(means) / len(means)
+        out.append((mean, (sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means)) ** 0.5))
+    return out
+
+
+def doc_table(marker: str) -> list:
+    """The rows of the first table after `marker` in docs/qmle_dmc.md, header and rule left out."""
     doc = open(os.path.join(ROOT, "docs", "qmle_dmc.md")).read()
-    table = doc[doc.index("**The whole 100k on that machine"):].split("\n\n")[1].splitlines()[2:]
+    return next(block for block in doc[doc.index(marker):].split("\n\n") if block.startswith("|")).splitlines()[2:]
+
+
+def test_the_avx512_100k_table_is_what_its_curves_say():
+    # docs/qmle_dmc.md's 100k table from the AVX-512 machine, recomputed from the committed curves
+    runs = committed_curves("avx512_100k")
+    windows = [(0, 100_000), (0, 50_000), (50_000, 100_000), (20_000, 60_000), (0, 30_000), "last 10"]
     experiments = {"authors' release": "release", "`qmle_dmc.py` (defaults), AVX-512 machine": "avx512_100k",
                    "the same, seeds 1–5": "avx512_100k"}
     shown_rows = {}
-    for line in table:
+    for line in doc_table("**The whole 100k on that machine"):
         env_id, label, seeds = line.split(" | ")[:3]
         shown_rows[env_id.strip("| "), label] = (int(seeds), re.findall(r"([\d.]+) ± ([\d.]+)", line))
     assert set(shown_rows) >= {("walker-walk", label) for label in experiments}
     for (env_id, label), (seeds, shown) in shown_rows.items():
         assert len(shown) == 6
-        for (m, s), (mean, se) in zip(shown, summary(env_id, experiments[label], range(1, seeds + 1))):
+        for (m, s), (mean, se) in zip(shown, window_summary(runs, env_id, experiments[label], range(1, seeds + 1),
+                                                             windows)):
             assert float(m) == pytest.approx(mean, abs=0.051) and float(s) == pytest.approx(se, abs=0.051)
+
+
+def test_the_by_machine_table_is_what_its_curves_say():
+    # docs/qmle_dmc.md's walker-walk table of each program on each kind of machine, from the committed curves: the
+    # runs to 60k on the AVX2 machines (both programs) and the release's seeds 1-5 beside the AVX-512 runs
+    sources = {("AVX2", "authors' release, seeds 6–9"): ("walker_60k", "release", range(6, 10)),
+               ("AVX2", "`qmle_dmc.py` (defaults), seeds 1–13"): ("walker_60k", "rel_paperloss", range(1, 14)),
+               ("AVX-512", "authors' release, seeds 1–5"): ("avx512_100k", "release", range(1, 6)),
+               ("AVX-512", "`qmle_dmc.py` (defaults), seeds 1–20"): ("avx512_100k", "avx512_100k", range(1, 21))}
+    table = doc_table("#### Each program on its own kind of machine")
+    assert len(table) == len(sources)
+    for line in table:
+        machine, label, seeds, *shown = [cell.strip() for cell in line.strip("| ").split(" | ")]
+        folder, exp, seed_range = sources[machine, label]
+        assert int(seeds) == len(seed_range)
+        summary = window_summary(committed_curves(folder), "walker-walk", exp, seed_range,
+                                 [(0, 30_000), (20_000, 60_000)])
+        for cell, (mean, se) in zip(shown, summary, strict=True):
+            m, s = cell.split(" ± ")
+            assert float(m) == pytest.approx(mean, abs=0.051) and float(s) == pytest.approx(se, abs=0.051)
+
+
+def test_the_kernels_table_is_what_the_measurement_says():
+    # docs/qmle_dmc.md's table of the loop against its two jitted calls alone, against its JSON file
+    results = {(r["env_id"], r["num_envs"]): r
+               for r in json.load(open(os.path.join(ROOT, "docs", "speed_cpu_avx512_kernels.json")))["results"]}
+    rows = doc_table("**The kernels' own rate.**")
+    assert len(rows) == len(results) == 4
+    for line in rows:
+        env_id, n, sps, bound, fraction, kernels, cap, loop_over, physics_cap = line.strip("| ").split(" | ")
+        r = results[env_id, int(n)]
+        kernel_sps = 1e3 / (r["greedy_action_ms"] / int(n) + r["update_ms"] / math.lcm(int(n), 10))
+        assert (int(sps), int(bound), int(kernels)) == (
+            round(r["sps_after_compile"]), round(r["flop_bound_sps"]), round(kernel_sps))
+        assert float(fraction) == pytest.approx(r["sps_after_compile"] / r["flop_bound_sps"], abs=0.0051)
+        assert float(cap) == pytest.approx(kernel_sps / r["flop_bound_sps"], abs=0.0051)
+        assert float(loop_over) == pytest.approx(r["sps_after_compile"] / kernel_sps, abs=0.0051)
+        assert float(physics_cap) == pytest.approx(r["flop_and_physics_bound_sps"] / r["flop_bound_sps"], abs=0.0051)
 
 
 def test_the_cpu_bounds_table_is_what_the_measurements_say():
