@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -417,17 +418,19 @@ def check_whole_numbers(cls, argv: list) -> None:
 
 
 def tyro_complaint(boxed: str) -> str:
-    """tyro's boxed refusal of a command line as one line: its message, and the flags it suggests if any."""
-    lines = [line.strip(" \u2500\u2502\u256d\u256e\u256f\u2570") for line in boxed.splitlines()]
+    """tyro's boxed refusal of a command line as one line: its message, and the flags it suggests if any. The box is
+    drawn in line-drawing characters, or in ASCII (`-`, `|`, `+`) where the output's encoding has none."""
+    border = set(" -|+\u2500\u2502\u256d\u256e\u256f\u2570")
+    lines = [line.strip(" |\u2502") for line in boxed.splitlines() if not set(line) <= border]
     message, suggested, part = [], [], "message"
-    for line in [line for line in lines if line][1:]:  # the first is the box's title
+    for line in lines[1:]:  # the first is the box's title
         if line.startswith(("Argument helptext", "For full helptext")):
             part = "done"
         elif line.startswith("Perhaps you meant"):
             part = "suggestions"
         elif part == "message":
             message.append(line)
-        elif part == "suggestions" and line.startswith("--"):
+        elif part == "suggestions" and re.match(r"--[\w-]+$", line.split()[0]):
             suggested.append(line.split()[0])
     said = " ".join(message) or "the command line could not be read (see --help)"
     return said + (f" (did you mean {', '.join(suggested)}?)" if suggested else "")

@@ -14,6 +14,7 @@ The baseline that QMLE is compared against (Tavakoli et al. 2025); its headline 
 """
 
 import contextlib
+import csv
 import ctypes.util
 import functools
 import io
@@ -21,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import re
 
 # Offscreen rendering (only --capture-video renders) through EGL where its library is installed, else none:
 # dm_control loads the renderer MUJOCO_GL names when it is imported, and fails there if the library is missing.
@@ -680,7 +682,7 @@ def check_seed_and_start(args) -> None:
     largest = 2**32 - 1 - max(args.num_envs - 1, 10_000 + args.eval_episodes - 1)
     if not 0 <= args.seed <= largest:
         fail(f"--seed must be in [0, {largest}], got {args.seed}")
-    if args.load_model is None and args.learning_starts >= args.total_timesteps:
+    if args.load_model is None and not args.resume and args.learning_starts >= args.total_timesteps:
         print(f"warning: --learning-starts {args.learning_starts} is not below --total-timesteps "
               f"{args.total_timesteps}: the run ends before its first update", file=sys.stderr)
 
@@ -694,11 +696,21 @@ def start_wandb(args, run_name: str, run_dir: str, meta: Optional[dict]):
         return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
                           name=run_name, save_code=True, id=meta and meta["wandb_id"],
                           resume="allow" if meta else None)
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:  # the latter: its login prompt in a terminal, left
         if meta is None and os.path.isdir(run_dir) and not os.listdir(run_dir):
             os.rmdir(run_dir)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         fail(f"--track: W&B could not start: {reason} (WANDB_MODE=offline logs to disk without an account)")
+
+
+def finished_and_evaluated(run_dir: str, step: int, args) -> bool:
+    """Whether a resumed run has nothing left to do: its checkpoint is at --total-timesteps and its final evaluation
+    (if it has one) is in metrics.csv. A run stopped during that evaluation still gets it."""
+    if step < args.total_timesteps:
+        return False
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return not args.eval_frequency or any(row["global_step"] == str(step) and row["eval/episodic_return"]
+                                              for row in csv.DictReader(f))
 
 
 def evaluation_video_dir(args) -> Optional[str]:
@@ -756,7 +768,7 @@ def main(args: Args) -> None:
         return
 
     run_dir = args.resume.rstrip("/") if args.resume else new_run_dir(args)
-    if meta and meta["global_step"] >= args.total_timesteps:  # nothing to train: no second final evaluation
+    if meta and finished_and_evaluated(run_dir, meta["global_step"], args):  # no second final evaluation either
         print(f"{run_dir} is already at step {meta['global_step']} of --total-timesteps {args.total_timesteps}: "
               "nothing to train (a larger --total-timesteps continues it)", flush=True)
         return
@@ -912,17 +924,19 @@ def check_whole_numbers(cls, argv: list) -> None:
 
 
 def tyro_complaint(boxed: str) -> str:
-    """tyro's boxed refusal of a command line as one line: its message, and the flags it suggests if any."""
-    lines = [line.strip(" \u2500\u2502\u256d\u256e\u256f\u2570") for line in boxed.splitlines()]
+    """tyro's boxed refusal of a command line as one line: its message, and the flags it suggests if any. The box is
+    drawn in line-drawing characters, or in ASCII (`-`, `|`, `+`) where the output's encoding has none."""
+    border = set(" -|+\u2500\u2502\u256d\u256e\u256f\u2570")
+    lines = [line.strip(" |\u2502") for line in boxed.splitlines() if not set(line) <= border]
     message, suggested, part = [], [], "message"
-    for line in [line for line in lines if line][1:]:  # the first is the box's title
+    for line in lines[1:]:  # the first is the box's title
         if line.startswith(("Argument helptext", "For full helptext")):
             part = "done"
         elif line.startswith("Perhaps you meant"):
             part = "suggestions"
         elif part == "message":
             message.append(line)
-        elif part == "suggestions" and line.startswith("--"):
+        elif part == "suggestions" and re.match(r"--[\w-]+$", line.split()[0]):
             suggested.append(line.split()[0])
     said = " ".join(message) or "the command line could not be read (see --help)"
     return said + (f" (did you mean {', '.join(suggested)}?)" if suggested else "")

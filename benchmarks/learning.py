@@ -207,8 +207,7 @@ def check_extra(args: Grid) -> None:
         with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
             _, unknown = tyro.cli(script_args, args=flags, return_unknown_args=True)
     except SystemExit:
-        lines = [line.strip(" -\u2500\u2502\u256d\u256e\u256f\u2570") for line in said.getvalue().splitlines()]
-        fail(f"--extra {args.extra!r}: {args.script} refuses it: {': '.join([line for line in lines if line][:2])}")
+        fail(f"--extra {args.extra!r}: {args.script} refuses it: {tyro_complaint(said.getvalue())}")
     except Exception:  # the class rebuilt from source is not quite the script's: its runs are the judge
         print(not_checked, file=sys.stderr)
         return
@@ -549,8 +548,39 @@ def check_whole_numbers(cls, argv: list) -> None:
                 raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
 
 
-if __name__ == "__main__":
+def tyro_complaint(boxed: str) -> str:
+    """tyro's boxed refusal of a command line as one line: its message, and the flags it suggests if any. The box is
+    drawn in line-drawing characters, or in ASCII (`-`, `|`, `+`) where the output's encoding has none."""
+    border = set(" -|+\u2500\u2502\u256d\u256e\u256f\u2570")
+    lines = [line.strip(" |\u2502") for line in boxed.splitlines() if not set(line) <= border]
+    message, suggested, part = [], [], "message"
+    for line in lines[1:]:  # the first is the box's title
+        if line.startswith(("Argument helptext", "For full helptext")):
+            part = "done"
+        elif line.startswith("Perhaps you meant"):
+            part = "suggestions"
+        elif part == "message":
+            message.append(line)
+        elif part == "suggestions" and re.match(r"--[\w-]+$", line.split()[0]):
+            suggested.append(line.split()[0])
+    said = " ".join(message) or "the command line could not be read (see --help)"
+    return said + (f" (did you mean {', '.join(suggested)}?)" if suggested else "")
+
+
+def parse_command_line() -> "Mode":
+    """The command line as one of the modes, every refusal one `error:` line and status 1 (tyro's own are boxes)."""
     modes = {"run": Run, "print": Print, "report": Report, "random": Random}  # the subcommand comes first
     if sys.argv[1:] and sys.argv[1] in modes:
         check_whole_numbers(modes[sys.argv[1]], sys.argv[2:])
-    main(tyro.cli(Mode))
+    boxed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(boxed):
+            return tyro.cli(Mode)
+    except SystemExit as exit_:
+        if not exit_.code:  # --help, printed on stdout
+            raise
+        raise SystemExit(f"error: {tyro_complaint(boxed.getvalue())}") from None
+
+
+if __name__ == "__main__":
+    main(parse_command_line())

@@ -269,6 +269,13 @@ def test_a_command_line_the_parser_refuses_is_one_line_and_status_1(tmp_path, sc
     assert not os.path.exists(tmp_path / "runs")
 
 
+def test_a_refusal_is_one_line_where_the_output_cannot_draw_tyros_box(tmp_path):
+    # without line-drawing characters (an ASCII or Latin-1 terminal) tyro draws its box in - | +
+    result = run_script("qmle_dmc.py", "--seeed", "1", cwd=tmp_path, env=dict(os.environ, PYTHONIOENCODING="ascii"))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["error: Unrecognized options: --seeed, 1 (did you mean --seed?)"]
+
+
 def test_help_is_still_tyros_whole_help_on_stdout(tmp_path):
     result = run_script("qmle_dmc.py", "--help", cwd=tmp_path)
     assert result.returncode == 0 and result.stderr == "" and "--m-target INT" in result.stdout

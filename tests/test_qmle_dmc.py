@@ -691,17 +691,24 @@ def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path
     python, script, *flags = shlex.split(command)
     assert python == "python" and os.path.samefile(os.path.join(tmp_path, script), os.path.join(ROOT, "qmle_dmc.py"))
     end = str(meta["global_step"] + 200)
-    resumed = subprocess.run([sys.executable, script, *flags, "--total-timesteps", end], cwd=tmp_path,
-                             capture_output=True, text=True)
+    more = [*flags, "--total-timesteps", end, "--eval-frequency", "100000"]  # evaluated at its end only
+    resumed = subprocess.run([sys.executable, script, *more], cwd=tmp_path, capture_output=True, text=True)
     assert resumed.returncode == 0 and f"finished at step {end}" in resumed.stdout, resumed.stderr[-2000:]
     # ... and the model the interrupt saved is replaced by the finished run's, not left behind at the interrupt's step
     assert q.load_arrays(os.path.join(run_dir, "qmle_dmc.npz"), "--load-model")[0]["global_step"] == int(end)
-    # A finished run resumed without more steps trains nothing and logs nothing, not even one more evaluation
-    metrics = open(os.path.join(run_dir, "metrics.csv")).read()
-    again = subprocess.run([sys.executable, script, *flags, "--eval-frequency", "100"], cwd=tmp_path,
-                           capture_output=True, text=True)
+    # A finished run resumed without more steps trains nothing and logs nothing, not even one more evaluation ...
+    metrics_path = os.path.join(run_dir, "metrics.csv")
+    metrics = open(metrics_path).read()
+    final = [line for line in metrics.splitlines() if line.startswith(f"{end},") and not line.endswith(",")]
+    assert len(final) == 1  # its final evaluation: the last column, at the last step
+    again = subprocess.run([sys.executable, script, *more], cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 0 and f"is already at step {end} of --total-timesteps {end}" in again.stdout
-    assert open(os.path.join(run_dir, "metrics.csv")).read() == metrics
+    assert open(metrics_path).read() == metrics
+    # ... unless it was stopped during that evaluation: then it gets it
+    open(metrics_path, "w").write(metrics.replace(final[0] + "\n", ""))
+    evaluated = subprocess.run([sys.executable, script, *more], cwd=tmp_path, capture_output=True, text=True)
+    assert evaluated.returncode == 0 and f"step {int(end):>8}  greedy evaluation return" in evaluated.stdout
+    assert open(metrics_path).read() == metrics
 
 
 def test_sigint_during_start_up_stops_before_training_without_a_traceback(tmp_path):

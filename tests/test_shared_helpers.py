@@ -40,3 +40,7 @@ def test_the_other_scripts_check_whole_numbers_as_the_agents_do(script):
 @pytest.mark.parametrize("script", ["bandit_illustration.py", "climbing_game.py"])
 def test_the_illustrations_read_their_command_line_as_the_agents_do(script, name):
     assert top_level_sources(script)[name] == top_level_sources("qmle_dmc.py")[name]
+
+
+def test_the_learning_runner_reads_tyros_refusals_as_the_agents_do():
+    assert top_level_sources("benchmarks/learning.py")["tyro_complaint"] == top_level_sources("qmle_dmc.py")["tyro_complaint"]
