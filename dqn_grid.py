@@ -747,10 +747,11 @@ def main(args: Args) -> None:
 
     if args.load_model is not None:  # the run's own evaluation seeds, unless given here
         restore_signals()  # an evaluation has nothing to save: Ctrl-C stops it at once
+        video_dir = evaluation_video_dir(args)
         evaluation(restore(params, saved, "--load-model"), f"{args.load_model} on {args.env_id}",  # which task: said
-                   video_dir=evaluation_video_dir(args))
+                   video_dir=video_dir)
         if args.capture_video:
-            print(f"videos in {evaluation_video_dir(args)}", flush=True)
+            print(f"videos in {video_dir}", flush=True)
         return
 
     run_dir = args.resume.rstrip("/") if args.resume else new_run_dir(args)

@@ -528,8 +528,7 @@ def test_the_kernels_table_is_what_the_measurement_says():
 
 def test_the_cpu_bounds_table_is_what_the_measurements_say():
     # docs/qmle_dmc.md's table of FLOP-bound fractions with and without the physics, against its two JSON files
-    doc = open(os.path.join(ROOT, "docs", "qmle_dmc.md")).read()
-    table = doc[doc.index("**Counting the physics, and one core against two.**"):].split("\n\n")[1].splitlines()[2:]
+    table = doc_table("**Counting the physics, and one core against two.**")
     measured = {}
     for name, cores in (("speed_cpu_avx512_bounds.json", 2), ("speed_cpu_avx512_one_core.json", 1)):
         for r in json.load(open(os.path.join(ROOT, "docs", name)))["results"]:
