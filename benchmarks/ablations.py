@@ -4,7 +4,7 @@ for a cluster, and reported per figure as a table, a verdict on the paper's clai
     python benchmarks/ablations.py list                                   # figures, variants, flags, claims
     python benchmarks/ablations.py run --figures 8 12 --jobs 2            # this machine's scale: 100k steps, 3 seeds
     python benchmarks/ablations.py print --figures 10 --paper-tasks --seeds 1 2 3 4 5 --total-timesteps 1000000
-    python benchmarks/ablations.py report --figures 8 9 10 12             # docs/ablations/fig{N}.md, .png, .csv
+    python benchmarks/ablations.py report --figures 8 9 10 12             # runs/ablations__{time}/fig{N}.md, .png, .csv
 
 Fig. 8: amortised maximisation (a delta predictor) against uniform sampling alone, budgets 2. Fig. 9: budgets 2
 against 1000. Fig. 10: action-in QMLE against action-out DQN (dqn_grid.py), both on the bang-off-bang grid.
@@ -17,8 +17,9 @@ import math
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
-from typing import Annotated, List, Tuple, Union
+from typing import Annotated, List, Optional, Tuple, Union
 
 import numpy as np
 import tyro
@@ -28,6 +29,7 @@ import learning  # noqa: E402  (the runner and report these figures share with e
 
 ROOT = learning.ROOT
 OUTPUT_DIR = os.path.join(ROOT, "docs", "ablations")
+BOOTSTRAP_REPS = learning.Report.bootstrap_reps
 
 
 @dataclass(frozen=True)
@@ -159,12 +161,17 @@ class Print(Grid):
 
 @dataclass
 class Report(Selection):
-    """Per figure: docs/ablations/fig{N}.md (table, per-run values, verdicts), fig{N}.png and fig{N}.csv."""
+    """Per figure: fig{N}.md (table, per-run values, verdicts), fig{N}.png and fig{N}.csv, from the runs and the
+    figure's saved curves."""
 
     runs_dir: str = "runs"
-    """where the training runs wrote (a task and seed found there wins over the figure's committed CSV)"""
-    output_dir: str = OUTPUT_DIR
-    """where the figures' pages, plots and curves go"""
+    """where the training runs wrote (a task and seed found there wins over the figure's saved curves)"""
+    curves_dir: str = OUTPUT_DIR
+    """where each figure's saved curves, fig{N}.csv, are read from"""
+    output_dir: Optional[str] = None
+    """where the figures' pages, plots and curves go (default: a new folder {runs-dir}/ablations__{time})"""
+    overwrite: bool = False
+    """replace files there that git tracks (the committed pages); without it they are refused"""
     last_episodes: int = 10
     """episodes averaged at the end of each run (the 'last episodes' column)"""
     min_steps: int = 0
@@ -248,20 +255,20 @@ def run_values(points: list, steps: int, last_episodes: int) -> dict:
 
 
 def report_figure(figure: Figure, args: Report) -> str:
-    """Write fig{N}.csv and fig{N}.png with the learning report and fig{N}.md with the table and the verdicts;
-    return the page's text ('' when no variant has a finished run)."""
-    csv_path = os.path.join(args.output_dir, f"fig{figure.number}.csv")
+    """Write fig{N}.csv and fig{N}.png with the learning report and fig{N}.md with the table and the verdicts into
+    args.output_dir; return the page's text ('' when no variant has a finished run)."""
+    saved = os.path.join(args.curves_dir, f"fig{figure.number}.csv")
     names, labels = [v.exp_name for v in figure.variants], [f"{v.exp_name}={v.label}" for v in figure.variants]
-    if not os.path.isfile(csv_path) and not any(learning.read_metric(args.runs_dir, n, "charts/episodic_return")
-                                                 for n in names):
+    if not os.path.isfile(saved) and not any(learning.read_metric(args.runs_dir, n, "charts/episodic_return")
+                                             for n in names):
         return ""
     scratch = os.path.join(args.output_dir, f".fig{figure.number}")
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):  # its tables are not this page's: one bootstrap resample will do
         learning.report(learning.Report(exp_names=names, runs_dir=args.runs_dir, labels=labels, release_curves=[],
-                                        curves=[csv_path] if os.path.isfile(csv_path) else [], output_dir=scratch,
-                                        last_episodes=args.last_episodes, min_steps=args.min_steps))
+                                        curves=[saved] if os.path.isfile(saved) else [], output_dir=scratch,
+                                        last_episodes=args.last_episodes, min_steps=args.min_steps, bootstrap_reps=1))
     curves = learning.read_curves(os.path.join(scratch, "learning_curves.csv"))
-    os.replace(os.path.join(scratch, "learning_curves.csv"), csv_path)
+    os.replace(os.path.join(scratch, "learning_curves.csv"), os.path.join(args.output_dir, f"fig{figure.number}.csv"))
     os.replace(os.path.join(scratch, "learning_curves.png"), os.path.join(args.output_dir, f"fig{figure.number}.png"))
     os.rmdir(scratch)
 
@@ -271,12 +278,17 @@ def report_figure(figure: Figure, args: Report) -> str:
              f"last episodes: its last {args.last_episodes}), then mean ± standard error over seeds; every variant of a "
              "task is judged over the same steps.", "",
              f"| task | variant | seeds | steps | {' | '.join(columns)} |", "|---|---|---|---|" + "---|" * len(columns)]
-    per_run, values = [], {}
+    per_run, interval_rows, cuts, values = [], [], [], {}
     label = {v.exp_name: v.label for v in figure.variants}
     env_ids = sorted({env for runs in curves.values() for env, _ in runs})
     for env_id in env_ids:
-        # every variant of a task judged over the same steps, those of its shortest run
-        steps = min(pts[-1][0] for runs in curves.values() for (env, _), pts in runs.items() if env == env_id)
+        # every variant of a task judged over the same steps, those of its shortest run; the longer ones cut, said so
+        ends = {(name, seed): pts[-1][0] for name, runs in curves.items() for (env, seed), pts in runs.items()
+                if env == env_id}
+        steps = min(ends.values())
+        cut = [f"{label[name]}, seed {seed} (at {end})" for (name, seed), end in ends.items() if end > steps]
+        if cut:
+            cuts.append(f"- {env_id}: up to step {steps}, where its shortest run ends; cut there: {'; '.join(cut)}.")
         for name in names:
             runs = {seed: pts for (env, seed), pts in sorted(curves.get(name, {}).items(), key=learning.by_run)
                     if env == env_id}
@@ -288,6 +300,16 @@ def report_figure(figure: Figure, args: Report) -> str:
                          + " | ".join(learning.summary(values[(env_id, name)][c]) for c in columns) + " |")
             per_run.append(f"| {env_id} | {label[name]} | " + "; ".join(
                 f"{seed}: " + ", ".join(f"{t[c]:.1f}" for c in columns) for seed, t in table.items()) + " |")
+            found = learning.intervals([values[(env_id, name)][c] for c in columns], BOOTSTRAP_REPS)
+            interval_rows += [f"| {env_id} | {label[name]} | {c} | {mean} | {iqm} |" for c, (mean, iqm) in
+                              zip(columns, found)]
+    if cuts:
+        lines += ["", "Runs cut to their task's shortest:", "", *cuts]
+    lines += ["", f"95% confidence intervals over the seeds: rliable's percentile stratified bootstrap "
+              f"({BOOTSTRAP_REPS} resamples) of the mean and of the interquartile mean (IQM), as Agarwal et al. "
+              "recommend (NeurIPS 2021); with few seeds they are narrow.", "",
+              "| task | variant | returns over | mean [95% CI] | IQM [95% CI] |", "|---|---|---|---|---|",
+              *interval_rows]
     lines += ["", "Per run (seed: " + ", ".join(columns) + "):", "", "| task | variant | runs |", "|---|---|---|",
               *per_run, "", "## The paper's claims at this scale", ""]
     for claim in figure.claims:
@@ -333,14 +355,14 @@ def main(args) -> None:
                            args.jobs, args.pin_cores, args.runs_dir):
             raise SystemExit(1)  # some runs failed (named above): a script or cluster job waiting on this must see it
     else:
+        args.output_dir = args.output_dir or os.path.join(args.runs_dir, f"ablations__{int(time.time())}")
+        learning.refuse_tracked([os.path.join(args.output_dir, f"fig{n}.{ext}") for n in args.figures
+                                 for ext in ("md", "png", "csv")], args.overwrite)
         os.makedirs(args.output_dir, exist_ok=True)
         for number in args.figures:
             text = report_figure(FIGURES[number], args)
-            print(text or f"Fig. {number}: no finished runs in {args.runs_dir} or {args.output_dir}; left out\n")
+            print(text or f"Fig. {number}: no finished runs in {args.runs_dir} or {args.curves_dir}; left out\n")
 
 
 if __name__ == "__main__":
-    modes = {"list": Listing, "run": Run, "print": Print, "report": Report}
-    if sys.argv[1:] and sys.argv[1] in modes:
-        learning.check_whole_numbers(modes[sys.argv[1]], sys.argv[2:])
     main(tyro.cli(Mode))

@@ -6,20 +6,18 @@ release, with a learning-curve plot.
     python benchmarks/learning.py run --env-ids cartpole-swingup walker-walk --seeds 1 2 3 --jobs 2
     # the same grid as commands, one per line, for a cluster scheduler (or see benchmarks/sweep.yaml for W&B)
     python benchmarks/learning.py print --script aql_discrete.py --env-ids humanoid-walk --seeds 1 2 3
-    # table (markdown) + curves CSV + plot from what the runs wrote, against docs/qmle_release/curves.csv
-    python benchmarks/learning.py report --exp-names qmle_dmc --output-dir docs/qmle_dmc
+    # tables (markdown) + curves CSV + plot from what the runs wrote, against docs/qmle_release/curves.csv, into a
+    # new folder runs/report__{time} (--output-dir names another; a committed file is replaced only with --overwrite)
+    python benchmarks/learning.py report --exp-names qmle_dmc
     # the floor: returns of uniformly random actions (10 episodes per seed)
     python benchmarks/learning.py random --env-ids cartpole-swingup walker-walk
 
 Each mode has its own --help. Extra flags go to every training command as one string:
---extra="--target-network-frequency 2000".
+--extra "--target-network-frequency 2000" (or --extra="...").
 """
 
-import ast
-import contextlib
 import csv
 import glob
-import io
 import itertools
 import json
 import math
@@ -29,10 +27,9 @@ import shlex
 import subprocess
 import sys
 import time
-import types
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Annotated, List, Optional, Union, get_args, get_type_hints
+from typing import Annotated, List, Optional, Union
 
 import numpy as np
 import tyro
@@ -114,8 +111,10 @@ class Report:
     release_curves: List[str] = field(default_factory=lambda: [RELEASE_CURVES])
     """the authors' release curves (env_id, seed, step, episodic_return) to compare against, one file or several
     (their runs merged; a task and seed in two files is taken from the later); none given = no release"""
-    output_dir: str = "docs"
-    """where learning_curves.csv and learning_curves.png go"""
+    output_dir: Optional[str] = None
+    """where learning_curves.csv and learning_curves.png go (default: a new folder {runs-dir}/report__{time})"""
+    overwrite: bool = False
+    """replace files there that git tracks (a committed figure); without it they are refused"""
     last_episodes: int = 10
     """episodes averaged at the end of each run"""
     min_steps: int = 0
@@ -128,6 +127,8 @@ class Report:
     reach: List[str] = field(default_factory=list)
     """bars as ENV_ID=RETURN (e.g. Pendulum-v1=-200): per run, the first step at which the mean of the last
     --last-episodes episodes reaches the bar"""
+    bootstrap_reps: int = 2000
+    """resamples of the bootstrap confidence intervals (rliable)"""
 
 
 @dataclass
@@ -151,10 +152,11 @@ def fail(message: str) -> None:
 
 
 def check(args) -> None:
-    for name in ("total_timesteps", "jobs", "last_episodes", "episodes"):
+    for name in ("total_timesteps", "jobs", "last_episodes", "episodes", "bootstrap_reps"):
         if getattr(args, name, 1) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for option, items, numbers in (("--reach", getattr(args, "reach", []), 1), ("--windows", getattr(args, "windows", []), 2)):
+    for option, items, numbers in (("--reach", getattr(args, "reach", []), 1),
+                                   ("--windows", getattr(args, "windows", []), 2)):
         for item in items:
             parts = item.rsplit("=", 1)[1:] if option == "--reach" else item.split("-")
             try:
@@ -176,17 +178,31 @@ def check(args) -> None:
     for option in ("env_ids", "seeds"):  # an empty list is a grid of no runs: nothing to print or run
         if getattr(args, option, [None]) == []:
             fail(f"--{option.replace('_', '-')} was given no values")
-    if isinstance(args, Grid):  # what every one of its runs would refuse, refused once, before any starts
-        check_extra(args)
+    if isinstance(args, (Grid, Random)):  # what every one of its runs would refuse, refused once, before any starts
         check_env_ids(args.env_ids)
+    if isinstance(args, Grid):
+        check_extra(args)
 
 
 GRID_FLAGS = ("--env-id", "--seed", "--total-timesteps", "--exp-name")  # what commands() sets for each run
 
 
+# Run in a child Python: the training script's own Args parses one run's flags, as its __main__ does, so that tyro
+# refuses here, once, what every run would. A child because importing the script loads JAX and the renderer.
+PARSE_FLAGS = """
+import importlib.util, json, os, sys
+import tyro
+
+spec = importlib.util.spec_from_file_location("training_script", sys.argv[1])
+module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+tyro.cli(module.Args, args=json.loads(sys.argv[2]), prog=os.path.basename(sys.argv[1]))
+"""
+
+
 def check_extra(args: Grid) -> None:
-    """Refuse --extra flags the training script would refuse (unknown, or a value its parser rejects), and flags
-    the grid sets itself: given again they would win over the grid's (every seed the same seed)."""
+    """Refuse --extra flags the training script refuses (tyro's message, status 2), and flags the grid sets itself:
+    given again they would win over the grid's (every seed the same seed)."""
     try:
         flags = shlex.split(args.extra)
     except ValueError as error:
@@ -197,42 +213,15 @@ def check_extra(args: Grid) -> None:
                  "--seeds, --total-timesteps, --exp-name)")
     if not flags:
         return
-    not_checked = f"note: --extra not checked here ({args.script}'s Args needs more than its source); its runs check it"
-    script_args = args_class_of(os.path.join(ROOT, args.script))
-    if script_args is None:
-        print(not_checked, file=sys.stderr)
-        return
-    said = io.StringIO()
-    try:  # the script's own parser, as its __main__ calls it; its boxed complaint becomes one line
-        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
-            _, unknown = tyro.cli(script_args, args=flags, return_unknown_args=True)
-    except SystemExit:
-        fail(f"--extra {args.extra!r}: {args.script} refuses it: {tyro_complaint(said.getvalue())}")
-    except Exception:  # the class rebuilt from source is not quite the script's: its runs are the judge
-        print(not_checked, file=sys.stderr)
-        return
-    if unknown:
-        named = [flag.partition("=")[0] for flag in unknown if flag.startswith("-")]
-        fail(f"--extra {args.extra!r}: {args.script} has no flag {', '.join(named)}" if named else
-             f"--extra {args.extra!r}: {args.script} takes no value {unknown[0]!r} without a flag")
-
-
-def args_class_of(path: str) -> Optional[type]:
-    """The training script's Args dataclass, built from its source: importing the script would import JAX
-    (seconds), while its Args needs only the dataclass and typing names and os. None where it needs more."""
-    try:
-        tree = ast.parse(open(path).read(), path)
-        light = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
-                 and {(node.module if isinstance(node, ast.ImportFrom) else alias.name) for alias in node.names}
-                 <= {"dataclasses", "typing", "os", "sys", "math"}]
-        (args_class,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args"]
-        module = types.ModuleType("training_script_args")
-        module.__file__ = path  # defaults such as exp_name's are computed from it
-        sys.modules[module.__name__] = module  # where tyro finds the class's source, for its flags' help
-        exec(compile(ast.Module(body=[*light, args_class], type_ignores=[]), path, "exec"), module.__dict__)
-        return module.Args
-    except Exception:
-        return None
+    child = subprocess.run([sys.executable, "-c", PARSE_FLAGS, os.path.join(ROOT, args.script), json.dumps(flags)],
+                           capture_output=True, text=True, env=dict(os.environ, MUJOCO_GL="disable"))
+    if child.returncode == 2:  # tyro's refusal
+        print(f"{args.script} refuses --extra {args.extra!r}:", file=sys.stderr)
+        sys.stderr.write(child.stderr)
+        raise SystemExit(2)
+    if child.returncode != 0:  # the script does not import here (a login node): its runs check their own flags
+        last = (child.stderr.strip().splitlines() or ["(nothing said)"])[-1]
+        print(f"note: --extra not checked here ({last}); each run checks its own", file=sys.stderr)
 
 
 # Run in a child Python, as the scripts decide it (make_env): a DeepMind Control task domain-task, or a Gymnasium
@@ -371,6 +360,27 @@ def summary(values: list) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values, ddof=1) / np.sqrt(len(values)):.1f}"
 
 
+def intervals(columns: list, reps: int) -> list:
+    """Per column of the runs' values: ("mean [low, high]", "IQM [low, high]"), rliable's 95% percentile
+    stratified-bootstrap confidence intervals over the runs (each column a stratum; IQM: the mean of the middle
+    half of the runs); "-" for a column with a run's value missing or fewer than 2 runs. Agarwal et al., "Deep
+    reinforcement learning at the edge of the statistical precipice", NeurIPS 2021."""
+    from rliable import library, metrics
+
+    scores = np.array(columns).T  # runs x columns
+    whole = [j for j in range(scores.shape[1]) if not np.isnan(scores[:, j]).any()] if len(scores) > 1 else []
+    texts = [("-", "-")] * len(columns)
+    if whole:
+        np.random.seed(0)  # rliable resamples with numpy's global generator: the same intervals at every report
+        aggregate = lambda x: np.array([[f(x[:, [j]]) for j in range(x.shape[1])]  # noqa: E731
+                                        for f in (metrics.aggregate_mean, metrics.aggregate_iqm)]).ravel()
+        point, interval = library.get_interval_estimates({"runs": scores[:, whole]}, aggregate, reps=reps)
+        found = [f"{p:.1f} [{low:.1f}, {high:.1f}]" for p, low, high in zip(point["runs"], *interval["runs"])]
+        for i, j in enumerate(whole):
+            texts[j] = (found[i], found[len(whole) + i])
+    return texts
+
+
 def seeds_text(counts: set) -> str:
     """How many seeds a legend entry's curves average, over the panels it appears in."""
     if counts == {1}:
@@ -378,7 +388,34 @@ def seeds_text(counts: set) -> str:
     return f"{min(counts)} seeds" if len(counts) == 1 else f"{min(counts)}–{max(counts)} seeds"
 
 
+def mean_per_step(points: list) -> tuple:
+    """A run's curve: each step at which episodes ended, with the mean return of those episodes (with --num-envs N,
+    several end at one step; np.interp needs each step once)."""
+    steps, at = np.unique([s for s, _ in points], return_inverse=True)
+    return steps, np.bincount(at, weights=[r for _, r in points]) / np.bincount(at)
+
+
+def tracked(path: str) -> bool:
+    """Whether git tracks the file (a committed figure or table)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        return subprocess.run(["git", "ls-files", "--error-unmatch", os.path.basename(path)], cwd=folder,
+                              capture_output=True).returncode == 0
+    except OSError:  # no such folder, or no git
+        return False
+
+
+def refuse_tracked(paths: List[str], overwrite: bool) -> None:
+    for path in paths:
+        if not overwrite and tracked(path):
+            fail(f"{path} is committed (git tracks it): --overwrite replaces it, or name another --output-dir")
+
+
 def report(args: Report) -> None:
+    try:
+        import rliable  # noqa: F401  (the confidence intervals)
+    except ImportError:
+        fail("report needs rliable for its confidence intervals: pip install -r benchmarks/requirements.txt")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -415,8 +452,10 @@ def report(args: Report) -> None:
         fail(f"no finished episode of {' '.join(args.exp_names)} in {args.runs_dir}/"
              + (f" or {' '.join(args.curves)}" if args.curves else "")
              + (f" from a run that reached step {args.min_steps}" if args.min_steps else "") + "; nothing written")
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "learning_curves.csv"), "w", newline="") as f:
+    output_dir = args.output_dir or os.path.join(args.runs_dir, f"report__{int(time.time())}")
+    refuse_tracked([os.path.join(output_dir, f"learning_curves.{ext}") for ext in ("csv", "png")], args.overwrite)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "learning_curves.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["exp_name", "env_id", "seed", "step", "episodic_return"])
         for name, curves in groups.items():
@@ -424,58 +463,79 @@ def report(args: Report) -> None:
                 writer.writerows([name, env_id, run_id, s, r] for s, r in points)
 
     windows = [tuple(float(x) for x in w.split("-")) for w in args.windows]
+    last = args.last_episodes
     headers = ["whole run", "first half", "second half", *(f"{int(a) // 1000}k-{int(b) // 1000}k" for a, b in windows),
-               f"last {args.last_episodes} episodes"]
-    print("Mean return per run (mean ± standard error over runs; per-run values below the table).\n")
-    print(f"| task | system | runs | steps | {' | '.join(headers)} | last {args.last_episodes} vs release |")
-    print("|---|---|---|---|" + "---|" * (len(headers) + 1))
-    per_run_lines, release_last = [], {}
+               f"last {last} episodes"]
+    print("Mean return per run (mean ± standard error over runs; per-run values below the table). The runs of a "
+          "task and system are compared up to the step their shortest run reached: longer runs are cut there "
+          "(column cut: the run and its own end), and so are the curves.\n")
+    print(f"| task | system | runs | up to step | cut | {' | '.join(headers)} | last {last} vs release |")
+    print("|---|---|---|---|---|" + "---|" * (len(headers) + 1))
+    per_run_lines, interval_lines, release_last = [], [], {}
     for env_id in env_ids:
         for name in ["release", *args.exp_names]:
             runs = {run_id: pts for (env, run_id), pts in sorted(groups.get(name, {}).items(), key=by_run)
                     if env == env_id}
             if not runs:
                 continue
-            steps = min(pts[-1][0] for pts in runs.values())  # every run judged over the same steps
+            ends = {run_id: pts[-1][0] for run_id, pts in runs.items()}
+            steps = min(ends.values())  # every run judged over the same steps
+            cut = {run_id: end for run_id, end in ends.items() if end > steps}
             columns = [[window_mean(pts, 0, steps) for pts in runs.values()],
                        [window_mean(pts, 0, steps / 2) for pts in runs.values()],
                        [window_mean(pts, steps / 2, steps) for pts in runs.values()],
                        *([window_mean(pts, a, b) for pts in runs.values()] for a, b in windows),
-                       [float(np.mean([r for s, r in pts if s <= steps][-args.last_episodes:])) for pts in runs.values()]]
+                       [float(np.mean([r for s, r in pts if s <= steps][-last:])) for pts in runs.values()]]
             mean_last = float(np.mean(columns[-1]))
             release_last.setdefault(env_id, mean_last if name == "release" else None)
             ratio = f"{mean_last / release_last[env_id]:.0%}" if release_last[env_id] else "-"
             print(f"| {env_id} | {label(name)} | {len(runs)} | {steps} | "
+                  + (", ".join(f"{run_id} ({end})" for run_id, end in cut.items()) or "none") + " | "
                   + " | ".join(summary(c) for c in columns) + f" | {ratio} |")
             for header, column in zip(headers, columns):
                 per_run_lines.append(f"| {env_id} | {label(name)} | {header} | "
                                      + ", ".join(f"{run_id}: {v:.1f}" for run_id, v in zip(runs, column)) + " |")
+            if cut:  # what each run reached at its own end
+                own = [float(np.mean([r for _, r in pts][-last:])) for pts in runs.values()]
+                per_run_lines.append(f"| {env_id} | {label(name)} | last {last} episodes at each run's own end | "
+                                     + ", ".join(f"{run_id} (at {ends[run_id]}): {v:.1f}"
+                                                 for run_id, v in zip(runs, own)) + " |")
+            interval_lines += [f"| {env_id} | {label(name)} | {len(runs)} | {header} | {mean} | {iqm} |"
+                               for header, (mean, iqm) in zip(headers, intervals(columns, args.bootstrap_reps))]
     print("\n| task | system | returns over | per run |\n|---|---|---|---|\n" + "\n".join(per_run_lines))
+    print("\nThe same columns with 95% confidence intervals over the runs: rliable's percentile stratified bootstrap "
+          f"({args.bootstrap_reps} resamples) of the mean and of the interquartile mean (IQM: the mean of the middle "
+          "half of the runs), as Agarwal et al. recommend (NeurIPS 2021). With few runs these intervals are narrow "
+          "(a bootstrap cannot see beyond the runs it has).\n")
+    print("| task | system | runs | returns over | mean [95% CI] | IQM [95% CI] |\n|---|---|---|---|---|---|\n"
+          + "\n".join(interval_lines))
 
     for metric in args.metrics:
         for name in args.exp_names:
             for (env_id, run_id), values in sorted(read_metric(args.runs_dir, name, metric).items(), key=by_run):
                 if values:
-                    last = [v for _, v in values[-args.last_episodes:]]
-                    print(f"| {env_id} | {name} | seed {run_id} | {metric}, last {len(last)} logged values "
-                          f"(steps {values[-len(last)][0]}-{values[-1][0]}) | {np.mean(last):.4f} |")
+                    logged = [v for _, v in values[-last:]]
+                    print(f"| {env_id} | {name} | seed {run_id} | {metric}, last {len(logged)} logged values "
+                          f"(steps {values[-len(logged)][0]}-{values[-1][0]}) | {np.mean(logged):.4f} |")
     for bar in args.reach:
         env_id, value = bar.rsplit("=", 1)
         for name in args.exp_names:
-            firsts = {run_id: first_reach(pts, float(value), args.last_episodes)
+            firsts = {run_id: first_reach(pts, float(value), last)
                       for (env, run_id), pts in sorted(groups.get(name, {}).items(), key=by_run) if env == env_id}
-            print(f"| {env_id} | {name} | last-{args.last_episodes} mean >= {value} first at step | "
+            print(f"| {env_id} | {name} | last-{last} mean >= {value} first at step | "
                   + ", ".join(f"{run_id}: {'never' if s is None else s}" for run_id, s in firsts.items()) + " |")
 
     colours, seeds = colours_of(list(groups)), defaultdict(set)
     fig, axes = plt.subplots(1, len(env_ids), figsize=(5 * len(env_ids), 3.8), squeeze=False)
     for ax, env_id in zip(axes[0], env_ids):
         for name, curves in groups.items():
-            runs = [pts for (env, _), pts in curves.items() if env == env_id]
+            runs = [mean_per_step(pts) for (env, _), pts in curves.items() if env == env_id]
             if not runs:
                 continue
-            grid = np.arange(1000, min(pts[-1][0] for pts in runs) + 1, 1000)
-            values = np.array([np.interp(grid, *zip(*pts)) for pts in runs])
+            # every 1000 steps, from the first at which every run has ended an episode to the end of the shortest
+            grid = np.arange(1000, min(steps[-1] for steps, _ in runs) + 1, 1000)
+            grid = grid[grid >= max(steps[0] for steps, _ in runs)]
+            values = np.array([np.interp(grid, steps, returns) for steps, returns in runs])
             mean = values.mean(0)
             sem = values.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
             ax.plot(grid, mean, color=colours[name], label=label(name))
@@ -489,27 +549,30 @@ def report(args: Report) -> None:
                ncol=max(1, min(len(names), len(env_ids))), fontsize=8, frameon=False, title_fontsize=8,
                title="line: mean over seeds; shaded band: ±1 standard error of that mean over the seeds")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.output_dir, "learning_curves.png"), dpi=110, bbox_inches="tight")
-    print(f"\nwrote {args.output_dir}/learning_curves.csv and learning_curves.png")
+    fig.savefig(os.path.join(output_dir, "learning_curves.png"), dpi=110, bbox_inches="tight")
+    print(f"\nwrote {output_dir}/learning_curves.csv and learning_curves.png")
 
 
 def random_returns(args: Random) -> dict:
     """Mean return of uniformly random actions over `episodes` episodes per seed, per task."""
-    sys.path.insert(0, ROOT)
-    import qmle_dmc
+    os.environ.setdefault("MUJOCO_GL", "disable")  # no rendering, and none to find
+    import gymnasium as gym
+    import shimmy  # noqa: F401  (registers the dm_control/* ids)
+    from dm_control import suite
 
     means = {}
     for env_id in args.env_ids:
         returns = []
         for seed in args.seeds:
-            env = qmle_dmc.make_env(env_id, seed)
+            env = gym.make(f"dm_control/{env_id}-v0" if tuple(env_id.split("-", 1)) in suite.ALL_TASKS else env_id)
+            env.action_space.seed(seed)
             env.reset(seed=seed)
             for _ in range(args.episodes):
-                done = False
+                done, total = False, 0.0
                 while not done:
-                    _, _, terminated, truncated, info = env.step(env.action_space.sample())
-                    done = terminated or truncated
-                returns.append(float(info["episode"]["r"]))
+                    _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+                    done, total = terminated or truncated, total + float(reward)
+                returns.append(total)
                 env.reset()
         means[env_id] = float(np.mean(returns))
         print(f"| {env_id} | uniformly random actions | {len(returns)} episodes | {means[env_id]:.1f} |")
@@ -528,59 +591,16 @@ def main(args) -> None:
         report(args)
 
 
-def check_whole_numbers(cls, argv: list) -> None:
-    """Refuse a whole-number flag given `nan`, `inf` or `1.5` with one line and status 1, as every other bad input
-    is refused (tyro would answer with a boxed message and status 2). Values follow their flag, up to the next flag
-    (`--seeds 1 2`), or its `=` (`--seed=1`); `None` is a value of Optional[int] flags."""
-    whole = {"--" + name.replace("_", "-"): type(None) in get_args(hint) for name, hint in get_type_hints(cls).items()
-             if int in (hint, *get_args(hint))}  # flag -> whether None is allowed
-    name = None
+def joined_extra(argv: List[str]) -> List[str]:
+    """`--extra VALUE` as `--extra=VALUE`: tyro would read a VALUE that starts with -- as a flag of its own."""
+    joined = []
     for arg in argv:
-        if arg.startswith("--") or arg == "-h":
-            name, _, value = arg.partition("=")
-            name = name.replace("_", "-")
+        if joined and joined[-1] == "--extra":
+            joined[-1] = f"--extra={arg}"
         else:
-            value = arg
-        if name in whole and value and not (whole[name] and value == "None"):
-            try:
-                int(value)
-            except ValueError:
-                raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
-
-
-def tyro_complaint(boxed: str) -> str:
-    """tyro's boxed refusal of a command line as one line: its message, and the flags it suggests if any. The box is
-    drawn in line-drawing characters, or in ASCII (`-`, `|`, `+`) where the output's encoding has none."""
-    border = set(" -|+\u2500\u2502\u256d\u256e\u256f\u2570")
-    lines = [line.strip(" |\u2502") for line in boxed.splitlines() if not set(line) <= border]
-    message, suggested, part = [], [], "message"
-    for line in lines[1:]:  # the first is the box's title
-        if line.startswith(("Argument helptext", "For full helptext")):
-            part = "done"
-        elif line.startswith("Perhaps you meant"):
-            part = "suggestions"
-        elif part == "message":
-            message.append(line)
-        elif part == "suggestions" and re.match(r"--[\w-]+$", line.split()[0]):
-            suggested.append(line.split()[0])
-    said = " ".join(message) or "the command line could not be read (see --help)"
-    return said + (f" (did you mean {', '.join(suggested)}?)" if suggested else "")
-
-
-def parse_command_line() -> "Mode":
-    """The command line as one of the modes, every refusal one `error:` line and status 1 (tyro's own are boxes)."""
-    modes = {"run": Run, "print": Print, "report": Report, "random": Random}  # the subcommand comes first
-    if sys.argv[1:] and sys.argv[1] in modes:
-        check_whole_numbers(modes[sys.argv[1]], sys.argv[2:])
-    boxed = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(boxed):
-            return tyro.cli(Mode)
-    except SystemExit as exit_:
-        if not exit_.code:  # --help, printed on stdout
-            raise
-        raise SystemExit(f"error: {tyro_complaint(boxed.getvalue())}") from None
+            joined.append(arg)
+    return joined
 
 
 if __name__ == "__main__":
-    main(parse_command_line())
+    main(tyro.cli(Mode, args=joined_extra(sys.argv[1:])))

@@ -3,6 +3,7 @@ checked through the training script's own parser and budget split, and the repor
 
 import os
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -10,7 +11,7 @@ import tyro
 
 import qmle_dmc as q
 from conftest import ROOT, run_script
-from test_benchmarks import write_run
+from test_learning import git, write_run
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import ablations  # noqa: E402
@@ -110,7 +111,7 @@ def test_report_writes_each_figures_table_verdict_and_plot_and_rereads_them_with
     for seed in (1, 2, 3):  # the amortised variant ahead by 50 at every episode
         write_run(str(runs), "walker-walk", "fig8_amortised", seed, [100.0 + 50 + seed + i for i in range(20)])
         write_run(str(runs), "walker-walk", "fig8_uniform", seed, [100.0 + seed + i for i in range(20)])
-    args = ablations.Report(figures=[8], runs_dir=str(runs), output_dir=str(out))
+    args = ablations.Report(figures=[8], runs_dir=str(runs), output_dir=str(out), curves_dir=str(out))
     page = ablations.report_figure(ablations.FIGURES[8], args)
     # whole run: the mean of 100 + seed + 0..19 is 109.5 + seed: 110.5, 111.5, 112.5 -> 111.5 ± 0.6
     assert "| walker-walk | uniform sampling alone (ρ_uniform = 1, no cached arg-max) | 3 | 20000 | 111.5 ± 0.6 |" in page
@@ -121,21 +122,54 @@ def test_report_writes_each_figures_table_verdict_and_plot_and_rereads_them_with
     assert open(out / "fig8.md").read() == page
     assert os.path.getsize(out / "fig8.png") > 10_000 and not os.path.exists(out / ".fig8")
     # The committed CSV alone gives the same page once the runs are gone.
-    gone = ablations.Report(figures=[8], runs_dir=str(tmp_path / "gone"), output_dir=str(out))
+    gone = ablations.Report(figures=[8], runs_dir=str(tmp_path / "gone"), output_dir=str(out), curves_dir=str(out))
     assert ablations.report_figure(ablations.FIGURES[8], gone) == page
     assert ablations.report_figure(ablations.FIGURES[9], gone) == ""  # nothing run: no page
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["run", "--figures", "7"], "--figures: no figure 7; the ablations are figures 8, 9, 10, 12"),
-    (["print", "--seeds", "nan"], "--seeds: expected a whole number, got 'nan'"),
-    (["run", "--jobs", "0"], "--jobs must be >= 1, got 0"),
-    (["print", "--total-timesteps", "0"], "--total-timesteps must be >= 1, got 0"),
-    (["print", "--paper-tasks", "--env-ids", "walker-walk"], "--env-ids and --paper-tasks both name the tasks; give one"),
+@pytest.mark.parametrize("flags, named", [
+    (["run", "--figures", "7"], "--figures"),
+    (["run", "--jobs", "0"], "--jobs"),
+    (["print", "--total-timesteps", "0"], "--total-timesteps"),
+    (["print", "--paper-tasks", "--env-ids", "walker-walk"], "--paper-tasks"),
 ])
-def test_bad_flags_of_the_ablations_runner_give_one_line(flags, message):
+def test_values_the_ablations_runner_cannot_use_give_one_error_line_naming_the_flag(flags, named):
     result = run_script(os.path.join("benchmarks", "ablations.py"), *flags)
-    assert result.returncode == 1 and result.stderr.strip() == f"error: {message}"
+    (line,) = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and line.startswith("error: ") and named in line
+
+
+def test_each_mode_has_its_own_help():
+    for mode, flag in (("list", "--figures"), ("run", "--jobs"), ("print", "--paper-tasks"), ("report", "--overwrite")):
+        result = run_script(os.path.join("benchmarks", "ablations.py"), mode, "--help")
+        assert result.returncode == 0 and flag in result.stdout
+
+
+def test_report_writes_a_new_folder_under_runs_and_replaces_committed_pages_only_when_asked(tmp_path):
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    (committed / "fig8.md").write_text("committed\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "committed")
+    git(tmp_path, "commit", "-q", "-m", "pages")
+    for seed in (1, 2):
+        for name in ("fig8_amortised", "fig8_uniform"):
+            write_run(str(tmp_path / "runs"), "walker-walk", name, seed, [float(seed)] * 5)
+
+    def report(*flags):
+        return run_script(os.path.join("benchmarks", "ablations.py"), "report", "--figures", "8", *flags,
+                          cwd=tmp_path, timeout=300)
+
+    assert report().returncode == 0
+    (folder,) = [f for f in os.listdir(tmp_path / "runs") if f.startswith("ablations__")]
+    assert sorted(os.listdir(tmp_path / "runs" / folder)) == ["fig8.csv", "fig8.md", "fig8.png"]
+    result = report("--output-dir", "committed")
+    (line,) = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and line.startswith("error: ") and "--overwrite" in line
+    assert os.listdir(committed) == ["fig8.md"] and (committed / "fig8.md").read_text() == "committed\n"
+    assert report("--output-dir", "committed", "--overwrite").returncode == 0
+    assert (committed / "fig8.md").read_text().startswith("# Fig. 8")
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path, capture_output=True, text=True).stdout
 
 
 def test_the_launcher_runs_every_command_into_its_own_log_jobs_at_a_time_and_names_the_failed(tmp_path, capsys):
@@ -166,11 +200,17 @@ def test_every_variant_of_a_task_is_judged_over_the_steps_of_its_shortest_run(tm
         write_run(str(runs), "cartpole-swingup", "fig8_amortised", seed, [100.0 * seed + i for i in range(20)])
     write_run(str(runs), "cartpole-swingup", "fig8_uniform", 1, [10.0 + i for i in range(20)])
     write_run(str(runs), "cartpole-swingup", "fig8_uniform", 2, [20.0 + i for i in range(8)])  # stopped at 8k
-    page = ablations.report_figure(ablations.FIGURES[8], ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path)))
+    args = ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path), curves_dir=str(tmp_path))
+    page = ablations.report_figure(ablations.FIGURES[8], args)
     # both variants over 0-8k: amortised 103.5 and 203.5, uniform 13.5 and 23.5 (one seed would say 19.5 over 20k)
     assert "| cartpole-swingup | delta predictor (ρ_uniform = ρ_delta = 0.5) | 2 | 8000 | 153.5 ± 50.0 |" in page
     assert "| cartpole-swingup | uniform sampling alone (ρ_uniform = 1, no cached arg-max) | 2 | 8000 | 18.5 ± 5.0 |" in page
-    left_out = ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path / "min"), min_steps=10_000)
+    # and the page says which runs were cut
+    assert ("- cartpole-swingup: up to step 8000, where its shortest run ends; cut there: delta predictor (ρ_uniform = "
+            "ρ_delta = 0.5), seed 1 (at 20000); delta predictor (ρ_uniform = ρ_delta = 0.5), seed 2 (at 20000); "
+            "uniform sampling alone (ρ_uniform = 1, no cached arg-max), seed 1 (at 20000).") in page
+    left_out = ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path / "min"), curves_dir=str(runs),
+                                min_steps=10_000)
     assert "| 1 | 20000 | 19.5 |" in ablations.report_figure(ablations.FIGURES[8], left_out)
 
 
@@ -180,7 +220,8 @@ def test_a_similarity_that_did_not_hold_names_the_variant_that_ended_higher(tmp_
     for seed in (1, 2, 3):
         for name in label:
             write_run(str(runs), "finger-spin", name, seed, [200.0 * (name == ahead) + seed + i for i in range(20)])
-    page = ablations.report_figure(ablations.FIGURES[10], ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path)))
+    args = ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path), curves_dir=str(tmp_path))
+    page = ablations.report_figure(ablations.FIGURES[10], args)
     assert f"both reach similar final performance: **did not hold, {label[ahead]} higher** (" in page
 
 
@@ -189,7 +230,8 @@ def test_a_verdict_on_one_seed_says_which_variant_has_no_spread_instead_of_an_in
     write_run(str(runs), "cartpole-swingup", "fig9_m1000", 1, [300.0 + i for i in range(20)])
     for seed in (1, 2, 3):
         write_run(str(runs), "cartpole-swingup", "fig9_m2", seed, [100.0 + seed + i for i in range(20)])
-    page = ablations.report_figure(ablations.FIGURES[9], ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path)))
+    args = ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path), curves_dir=str(tmp_path))
+    page = ablations.report_figure(ablations.FIGURES[9], args)
     # whole run: 309.5 against the mean of 110.5, 111.5 and 112.5
     assert (f"**cannot be told apart at this scale** ({label['fig9_m1000']} 309.5 against {label['fig9_m2']} "
             f"111.5 ± 0.6; one seed of {label['fig9_m1000']}, no spread to judge a difference of +198.0 by)") in page

@@ -1,7 +1,6 @@
 """The benchmark tooling: the learning runner's grid, its report, and the W&B sweep file."""
 
 import csv
-import itertools
 import json
 import math
 import os
@@ -16,176 +15,6 @@ import qmle_dmc as q
 from conftest import ROOT, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import learning  # noqa: E402
-
-
-def test_runner_expands_env_ids_times_seeds_into_valid_training_commands():
-    args = tyro.cli(learning.Mode, args=["print", "--env-ids", "cartpole-swingup", "walker-walk", "--seeds", "1", "2",
-                                         "3", "--exp-name", "grid", "--extra=--target-network-frequency 2000"])
-    commands = learning.commands(args)
-    assert len(commands) == 6
-    expected = set(itertools.product(["cartpole-swingup", "walker-walk"], ["1", "2", "3"]))
-    assert {(c[c.index("--env-id") + 1], c[c.index("--seed") + 1]) for c in commands} == expected
-    for command in commands:
-        parsed = tyro.cli(q.Args, args=command[2:])  # each command is a valid qmle_dmc.py invocation
-        assert parsed.target_network_frequency == 2000 and parsed.exp_name == "grid"
-        assert parsed.total_timesteps == 100_000
-
-
-def test_runs_of_another_script_are_named_after_it():
-    import wolpertinger
-
-    (command,) = learning.commands(tyro.cli(learning.Mode, args=["print", "--script", "wolpertinger.py", "--env-ids",
-                                                                 "Pendulum-v1", "--seeds", "4", "--extra=--k 7"]))
-    assert command[1].endswith("wolpertinger.py")
-    parsed = tyro.cli(wolpertinger.Args, args=command[2:])
-    assert (parsed.exp_name, parsed.seed, parsed.k) == ("wolpertinger", 4, 7)
-
-
-def test_each_mode_has_its_own_help():
-    texts = {}
-    for mode in ("run", "report"):
-        result = run_script(os.path.join("benchmarks", "learning.py"), mode, "--help")
-        assert result.returncode == 0
-        texts[mode] = result.stdout
-    assert "--jobs" in texts["run"] and "--jobs" not in texts["report"]
-    assert "--last-episodes" in texts["report"] and "--last-episodes" not in texts["run"]
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["report", "--reach", "walker-walk=nan"], "--reach 'walker-walk=nan': expected ENV_ID=RETURN with finite numbers"),
-    (["report", "--windows", "20000-inf"], "--windows '20000-inf': expected START-END with finite numbers"),
-    (["report", "--last-episodes", "0"], "--last-episodes must be >= 1, got 0"),
-    (["run", "--jobs", "0"], "--jobs must be >= 1, got 0"),
-    (["print", "--script", "nope.py"], "--script: no such file: nope.py"),
-    (["report", "--release-curves", "docs/qmle_release/curves.csv", "nope.csv"], "--release-curves: no such file: nope.csv"),
-    (["report", "--curves", "nope.csv"], "--curves: no such file: nope.csv"),
-])
-def test_bad_flags_of_the_learning_runner_give_one_line(flags, message):
-    result = run_script(os.path.join("benchmarks", "learning.py"), *flags)
-    assert result.returncode == 1 and result.stderr.strip() == f"error: {message}"
-
-
-def write_run(runs_dir, env_id, exp, seed, returns, stamp=123):
-    run_dir = os.path.join(runs_dir, f"{env_id}__{exp}__{seed}__{stamp}")
-    os.makedirs(run_dir)
-    with open(os.path.join(run_dir, "metrics.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["global_step", "charts/episodic_return", "charts/SPS"])
-        for i, r in enumerate(returns):
-            writer.writerow([1000 * (i + 1), r, ""])
-            writer.writerow([1000 * (i + 1) + 1, "", 100.0])  # rows without a return are skipped
-
-
-def write_release(path, runs):
-    """A release curves file of walker-walk: per (seed, episodes, return), that many 1000-step episodes."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["env_id", "seed", "step", "episodic_return"])
-        writer.writerows(["walker-walk", seed, 1000 * (i + 1), value] for seed, episodes, value in runs
-                         for i in range(episodes))
-
-
-def test_report_averages_the_whole_run_its_halves_and_its_end_against_the_release(tmp_path, capsys):
-    runs = tmp_path / "runs"
-    for seed, offset in [(1, 0.0), (2, 10.0)]:
-        write_run(str(runs), "walker-walk", "mine", seed, [offset + i for i in range(30)])
-    write_run(str(runs), "walker-walk", "mine", 3, [])  # started, no episode finished yet
-    release = tmp_path / "release.csv"
-    write_release(release, [(1, 30, 40.0)])
-    learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine"], release_curves=[str(release)],
-                                    output_dir=str(tmp_path / "out"), last_episodes=10, metrics=["charts/SPS"],
-                                    reach=["walker-walk=25"], windows=["10000-20000"], labels=["mine=Mine"]))
-    table = capsys.readouterr().out
-    assert "note: mine on walker-walk, run 3, is at step 0 (no finished episode); left out" in table
-    assert "| walker-walk | mine | seed 1 | charts/SPS, last 10 logged values (steps 21001-30001) | 100.0000 |" in table
-    # seed 1 ends at 24.5 (20..29), never 25; seed 2 first at its 21st episode (returns 21..30, mean 25.5)
-    assert "| walker-walk | mine | last-10 mean >= 25 first at step | 1: never, 2: 21000 |" in table
-    # whole run: 14.5 and 24.5 (mean 19.5, s.e. 5.0); halves: 7 and 17 (steps 1k-15k), 22 and 32; 10k-20k
-    # (episodes ending at 11k..20k): 14.5 and 24.5; last 10: 24.5 and 34.5, 29.5 against the release's 40: 74%
-    assert ("| walker-walk | Mine | 2 | 30000 | 19.5 ± 5.0 | 12.0 ± 5.0 | 27.0 ± 5.0 | 19.5 ± 5.0 | 29.5 ± 5.0 "
-            "| 74% |") in table
-    assert "| walker-walk | authors' release (PyTorch) | 1 | 30000 | 40.0 | 40.0 | 40.0 | 40.0 | 40.0 | 100% |" in table
-    assert "| walker-walk | Mine | first half | 1: 7.0, 2: 17.0 |" in table
-    rows = list(csv.DictReader(open(tmp_path / "out" / "learning_curves.csv")))
-    assert len(rows) == 90 and {r["exp_name"] for r in rows} == {"mine", "release"}
-    assert os.path.getsize(tmp_path / "out" / "learning_curves.png") > 10_000
-
-    # An earlier report's curves stand in for runs that are gone; a seed run twice is reported twice, said so.
-    write_run(str(runs), "walker-walk", "mine", 2, [5.0] * 30, stamp=456)
-    learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine", "old"], release_curves=[],
-                                    curves=[str(tmp_path / "out" / "learning_curves.csv")],
-                                    output_dir=str(tmp_path / "again")))
-    table = capsys.readouterr().out
-    assert "note: mine on walker-walk: seed 2 ran more than once; each run is reported" in table
-    assert "| walker-walk | mine | last 10 episodes | 1: 24.5, 2 (123): 34.5, 2 (456): 5.0 |" in table
-
-
-def test_report_of_names_without_runs_is_one_line_and_leaves_saved_curves_alone(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "learning_curves.csv").write_text("saved\n")
-    write_run(str(tmp_path / "runs"), "walker-walk", "mine", 1, [1.0] * 5)  # 5k steps: too short for --min-steps
-    write_release(tmp_path / "release.csv", [(1, 30, 40.0)])
-    for flags, reason in [(["--exp-names", "mnie"], ""), (["--exp-names", "mine", "--min-steps", "6000"],
-                                                           " from a run that reached step 6000")]:
-        result = run_script(os.path.join("benchmarks", "learning.py"), "report", *flags, "--runs-dir",
-                            str(tmp_path / "runs"), "--release-curves", str(tmp_path / "release.csv"),
-                            "--output-dir", str(out))
-        name = flags[1]
-        assert result.returncode == 1 and result.stderr.strip() == (
-            f"error: no finished episode of {name} in {tmp_path / 'runs'}/{reason}; nothing written")
-    assert os.listdir(out) == ["learning_curves.csv"] and (out / "learning_curves.csv").read_text() == "saved\n"
-
-
-def test_runs_are_listed_in_the_order_of_their_seeds_as_numbers(tmp_path, capsys):
-    for seed in (10, 9, 2):
-        write_run(str(tmp_path / "runs"), "walker-walk", "mine", seed, [float(seed)] * 5)
-    learning.report(learning.Report(runs_dir=str(tmp_path / "runs"), exp_names=["mine"], release_curves=[],
-                                    output_dir=str(tmp_path)))
-    assert "| walker-walk | mine | whole run | 2: 2.0, 9: 9.0, 10: 10.0 |" in capsys.readouterr().out  # not 10, 2, 9
-    rows = list(csv.DictReader(open(tmp_path / "learning_curves.csv")))
-    assert [r["seed"] for r in rows[::5]] == ["2", "9", "10"]
-
-
-def test_release_curves_from_several_files_are_merged_run_by_run(tmp_path, capsys):
-    """More seeds of the release, run later and kept in a file of their own, join the table beside the first ones;
-    --min-steps leaves out those that stopped short."""
-    files = {"first.csv": [(1, 30, 10.0), (2, 30, 20.0)], "more.csv": [(3, 30, 60.0), (4, 20, 99.0)]}
-    for name, runs in files.items():
-        write_release(tmp_path / name, runs)
-    write_run(str(tmp_path / "runs"), "walker-walk", "mine", 1, [30.0] * 30)
-    learning.report(learning.Report(runs_dir=str(tmp_path / "runs"), exp_names=["mine"], min_steps=30000,
-                                    release_curves=[str(tmp_path / n) for n in files], output_dir=str(tmp_path)))
-    table = capsys.readouterr().out
-    assert "note: release on walker-walk, run 4, is at step 20000; left out" in table
-    # seeds 1-3: 10, 20 and 60, mean 30, standard deviation sqrt(1400 / 2) = 26.5, standard error 15.3 ...
-    assert "| walker-walk | authors' release (PyTorch) | 3 | 30000 | 30.0 ± 15.3 |" in table
-    # ... and the last-10 ratio against that mean
-    assert "| walker-walk | mine | 1 | 30000 | 30.0 | 30.0 | 30.0 | 30.0 | 100% |" in table
-
-
-def test_runs_replace_saved_curves_task_by_task_and_seed_by_seed(tmp_path):
-    """A figure grows a task at a time: saved curves of one task stay when runs of another arrive, and a run of a
-    task and seed the saved curves hold too replaces that curve only."""
-    saved = tmp_path / "saved.csv"
-    with open(saved, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["exp_name", "env_id", "seed", "step", "episodic_return"])
-        writer.writerows(["mine", env_id, seed, 1000 * (i + 1), value]
-                         for env_id, seed, value in [("cartpole-swingup", 1, 1.0), ("cartpole-swingup", 2, 2.0),
-                                                     ("walker-walk", 1, 3.0), ("walker-walk", 2, 4.0)]
-                         for i in range(10))
-    runs = tmp_path / "runs"
-    write_run(str(runs), "walker-walk", "mine", 1, [30.0] * 10)
-    write_run(str(runs), "walker-walk", "mine", 3, [50.0] * 10)
-    learning.report(learning.Report(runs_dir=str(runs), exp_names=["mine"], release_curves=[], curves=[str(saved)],
-                                    output_dir=str(tmp_path / "out")))
-    curves = learning.read_curves(str(tmp_path / "out" / "learning_curves.csv"))["mine"]
-    assert {key: {r for _, r in points} for key, points in curves.items()} == {
-        ("cartpole-swingup", "1"): {1.0}, ("cartpole-swingup", "2"): {2.0},  # another task's saved runs kept
-        ("walker-walk", "1"): {30.0},  # the run replaces the saved curve of its task and seed
-        ("walker-walk", "2"): {4.0}, ("walker-walk", "3"): {50.0}}
 
 
 def test_sweep_file_runs_the_same_grid_with_real_flags():
@@ -317,27 +146,12 @@ def test_bad_flags_of_the_speed_benchmark_give_one_line(flags, message):
     assert len(errors) == 1 and message in errors[0]
 
 
-def test_random_floor_is_the_mean_return_of_random_actions(capsys):
-    means = learning.random_returns(learning.Random(env_ids=["Pendulum-v1"], seeds=[1, 2], episodes=3))
-    # Random torques leave the pendulum swinging: about -1200 per 200-step episode, never near 0.
-    assert -1800 < means["Pendulum-v1"] < -800
-    assert "| Pendulum-v1 | uniformly random actions | 6 episodes |" in capsys.readouterr().out
-
-
 def test_wolpertinger_speed_splits_a_training_step_into_its_parts():
     r = speed.measure_wolpertinger(1000, speed.Args(repeats=1), 2.0)  # a 2 ms matmul
     assert (r["num_actions"], r["k"]) == (1000, 100)  # Pendulum's 1-D grid, k = 10% of the actions
     assert r["step_ms"] == pytest.approx(r["act_ms"] + r["env_step_ms"] + r["update_ms"])  # one update per step
     assert r["knn_share_of_step"] == pytest.approx(r["knn_ms"] / r["step_ms"]) and 0 < r["knn_share_of_step"] < 1
     assert r["act_over_matmul"] == pytest.approx(r["act_ms"] / 2.0)
-
-
-def test_reach_is_the_first_step_whose_trailing_window_meets_the_bar():
-    points = [(200 * (i + 1), r) for i, r in enumerate([-900, -300, -100, -150, -250, -120])]
-    # trailing means of 3: -433, -183 (step 800), -167, -173
-    assert learning.first_reach(points, -200, 3) == 800
-    assert learning.first_reach(points, -160, 3) is None
-    assert learning.first_reach(points, -100, 1) == 600
 
 
 import checkpoint  # noqa: E402
@@ -422,12 +236,6 @@ def test_the_gpu_table_is_what_the_measurements_say():
         keys = ("physics_ms_per_step", "greedy_action_ms_per_step", "update_ms_per_step", "rest_ms_per_step")
         assert shown == pytest.approx([r[k] for k in keys], abs=0.0051)
         assert float(fraction.strip(" |")) == pytest.approx(r["fraction_of_flop_bound"], abs=0.0051)
-
-
-def test_a_namespaced_env_id_logs_to_one_file_under_logs():
-    # runs/logs/qmle_dmc__dm_control/walker-walk-v0__1.log named a folder that does not exist: launch crashed
-    cmd = ["python", "qmle_dmc.py", "--env-id", "dm_control/walker-walk-v0", "--seed", "1"]
-    assert learning.log_name("qmle_dmc", cmd) == "qmle_dmc__dm_control-walker-walk-v0__1.log"
 
 
 def test_the_device_script_gives_speed_py_flags_it_accepts():
