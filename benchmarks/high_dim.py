@@ -1,0 +1,239 @@
+"""qmle_dmc.py at 12, 21 and 38 action dimensions: long runs against a uniformly random policy and the public curves
+of other methods (docs/high_dim/). Three steps, each writing into --output-dir (docs/high_dim by default):
+
+    python benchmarks/high_dim.py random                          # random.csv: >= 10 random episodes per task
+    python benchmarks/high_dim.py anchors --source ../shared/peers/dmc-anchors/curves.csv   # anchors.csv, once
+    python benchmarks/high_dim.py report --runs ~/longruns/*/runs/*   # the curves, README's table, a figure a task
+"""
+
+import csv
+import glob
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import List, Union
+
+import numpy as np
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ["dog-walk", "humanoid-walk", "quadruped-run"]
+ANCHORS = ["SAC (tdmpc2 repo)", "TD7", "TD-MPC2", "MR.Q", "BRO (UTD=2)", "SimbaV2 (UTD=1)"]  # the issue's methods
+CHECKPOINTS = [100_000, 250_000, 500_000, 1_000_000]
+
+
+@dataclass
+class Random:
+    """Returns of uniformly random actions (each task's floor), episode by episode."""
+
+    env_ids: List[str] = field(default_factory=lambda: list(TASKS))  # tasks
+    seeds: List[int] = field(default_factory=lambda: [1, 2])  # one environment each
+    episodes: int = 5  # episodes per seed
+    output_dir: str = os.path.join(ROOT, "docs", "high_dim")  # where random.csv goes
+
+
+@dataclass
+class Anchors:
+    """Copy the plotted methods' public evaluation curves on these tasks, source column included."""
+
+    source: str  # the anchors' curves.csv (method, env_id, seed, step, episodic_return, source)
+    output_dir: str = os.path.join(ROOT, "docs", "high_dim")  # where anchors.csv goes
+
+
+@dataclass
+class Report:
+    """The runs' curves as CSV, their table (in README.md) and one figure per task beside the floor and the anchors."""
+
+    runs: List[str]  # run folders of qmle_dmc.py (each with metrics.csv and checkpoint.npz)
+    output_dir: str = os.path.join(ROOT, "docs", "high_dim")  # where the CSVs, README.md and the figures are
+    cpu: str = ""  # the machine the runs ran on, for the table's steps/s column
+
+
+def fail(message: str):
+    raise SystemExit(f"error: {message}")
+
+
+def random_returns(args: Random) -> None:
+    os.environ.setdefault("MUJOCO_GL", "disable")
+    sys.path.insert(0, ROOT)
+    import qmle_dmc
+
+    rows = []
+    for env_id in args.env_ids:
+        for seed in args.seeds:
+            env = qmle_dmc.make_env(env_id, seed)
+            env.reset(seed=seed)
+            for episode in range(args.episodes):
+                done = False
+                while not done:
+                    _, _, terminated, truncated, info = env.step(env.action_space.sample())
+                    done = terminated or truncated
+                rows.append(dict(env_id=env_id, seed=seed, episode=episode, episodic_return=info["episode"]["r"]))
+                env.reset()
+            print(env_id, seed, np.mean([r["episodic_return"] for r in rows if r["env_id"] == env_id]))
+    write(os.path.join(args.output_dir, "random.csv"), rows)
+
+
+def copy_anchors(args: Anchors) -> None:
+    with open(args.source) as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] in ANCHORS and r["env_id"] in TASKS]
+    if not rows:
+        fail(f"--source {args.source} holds none of {ANCHORS} on {TASKS}")
+    write(os.path.join(args.output_dir, "anchors.csv"), rows)
+
+
+def write(path: str, rows: list) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path} ({len(rows)} rows)")
+
+
+def read(path: str) -> list:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def run_rows(run_dir: str) -> tuple:
+    """(training episodes, greedy evaluations, steps/s after compilation) of one run, from its metrics.csv."""
+    env_id, exp_name, seed, _ = os.path.basename(run_dir.rstrip("/")).split("__")
+    episodes, evaluations, sps = [], [], []
+    for row in read(os.path.join(run_dir, "metrics.csv")):
+        step = int(row["global_step"])
+        common = dict(exp_name=exp_name, env_id=env_id, seed=int(seed), step=step)
+        if row["charts/episodic_return"]:
+            episodes.append(dict(common, episodic_return=float(row["charts/episodic_return"])))
+        if row["eval/episodic_return"]:
+            evaluations.append(dict(common, episodic_return=float(row["eval/episodic_return"])))
+        if row["charts/SPS"] and step > 2000:  # past the compilations
+            sps.append(float(row["charts/SPS"]))
+    return episodes, evaluations, sps
+
+
+def window_means(episodes: list, end: int, last: int = 10) -> tuple:
+    """(mean of the last `last` episodes ending by `end`, mean of every episode ending by `end`) of one run."""
+    returns = [float(r["episodic_return"]) for r in episodes if int(r["step"]) <= end]
+    return (np.mean(returns[-last:]), np.mean(returns)) if returns else (np.nan, np.nan)
+
+
+def mean_se(values) -> str:
+    values = [v for v in values if np.isfinite(v)]
+    if not values:
+        return "–"
+    se = np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.nan
+    return f"{np.mean(values):.1f}" + (f" ± {se:.1f}" if np.isfinite(se) else "") + f" ({len(values)})"
+
+
+def table(episodes: list, runs: list, floor: dict) -> str:
+    """Per task: each checkpoint's last-10-episode and whole-run means over the seeds that reached it."""
+    lines = [
+        "| task | seeds: steps reached | steps/s (machine) | random policy | "
+        + " | ".join(f"{c // 1000}k: last 10; whole run" for c in CHECKPOINTS)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(CHECKPOINTS),
+    ]
+    for env_id in sorted({r["env_id"] for r in runs}):
+        own = sorted((r for r in runs if r["env_id"] == env_id), key=lambda r: int(r["seed"]))
+        cells = []
+        for end in CHECKPOINTS:
+            done = [int(r["seed"]) for r in own if int(r["reached"]) >= end]
+            means = [
+                window_means([e for e in episodes if (e["env_id"], int(e["seed"])) == (env_id, s)], end) for s in done
+            ]
+            cells.append(f"{mean_se([m[0] for m in means])}; {mean_se([m[1] for m in means])}" if done else "–")
+        reached = ", ".join(f"{r['seed']}: {int(r['reached']) // 1000}k" for r in own)
+        rates = ", ".join(sorted({f"{float(r['sps']):.0f} ({r['cpu']})" for r in own}))
+        lines.append(f"| {env_id} | {reached} | {rates} | {floor[env_id]:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(env_id: str, episodes: list, evaluations: list, floor: float, anchors: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    for ax, rows, title in ((train_ax, episodes, "training episodes"), (eval_ax, evaluations, "greedy evaluations")):
+        for seed in sorted({r["seed"] for r in rows}):
+            own = [r for r in rows if r["seed"] == seed]
+            ax.plot(
+                [r["step"] for r in own],
+                [r["episodic_return"] for r in own],
+                lw=0.8,
+                alpha=0.6,
+                label=f"QMLE seed {seed}",
+            )
+        ax.axhline(floor, color="k", ls=":", label=f"uniformly random ({floor:.1f})")
+        ax.set(title=f"{env_id}: {title}", xlabel="environment steps")
+    by_method = {}
+    for r in anchors:
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rows in sorted(by_method.items()):
+        grid = np.unique([int(float(r["step"])) for r in rows])
+        curves = []
+        for seed in {r["seed"] for r in rows}:
+            own = sorted((int(float(r["step"])), float(r["episodic_return"])) for r in rows if r["seed"] == seed)
+            xs, ys = zip(*own)
+            curves.append(np.where((grid >= xs[0]) & (grid <= xs[-1]), np.interp(grid, xs, ys), np.nan))
+        eval_ax.plot(grid, np.nanmean(curves, axis=0), lw=1.2, ls="--", label=f"{method} ({len(curves)} seeds)")
+    train_ax.set_ylabel("episodic return")
+    eval_ax.set_xlim(0, max([r["step"] for r in evaluations + episodes] + [1]) * 1.05)
+    eval_ax.legend(fontsize=7, loc="upper left")
+    train_ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def report(args: Report) -> None:
+    folders = sorted({d for pattern in args.runs for d in glob.glob(os.path.expanduser(pattern))})
+    if not folders:
+        fail(f"--runs {' '.join(args.runs)} names no run folder")
+    episodes, evaluations, runs = [], [], []
+    for run_dir in folders:
+        e, v, rates = run_rows(run_dir)
+        episodes, evaluations = episodes + e, evaluations + v
+        reached = max(r["step"] for r in e)
+        runs.append(dict(env_id=e[0]["env_id"], seed=e[0]["seed"], reached=reached, sps=np.median(rates), cpu=args.cpu))
+    out = args.output_dir
+    for name, rows in (("learning_curves", episodes), ("evaluations", evaluations), ("runs", runs)):
+        write(os.path.join(out, f"{name}.csv"), rows)
+    with open(os.path.join(out, "README.md")) as f:
+        text = f.read()
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(with_table(text, table(episodes, runs, random_floor(out))))
+    anchors = read(os.path.join(out, "anchors.csv"))
+    for env_id in sorted({r["env_id"] for r in runs}):
+        reach = max(int(r["reached"]) for r in runs if r["env_id"] == env_id)
+        figure(
+            env_id,
+            [r for r in episodes if r["env_id"] == env_id],
+            [r for r in evaluations if r["env_id"] == env_id],
+            random_floor(out)[env_id],
+            [r for r in anchors if r["env_id"] == env_id and float(r["step"]) <= 1.1 * reach],
+            os.path.join(out, f"{env_id}.png"),
+        )
+
+
+def random_floor(folder: str) -> dict:
+    rows = read(os.path.join(folder, "random.csv"))
+    return {
+        t: np.mean([float(r["episodic_return"]) for r in rows if r["env_id"] == t]) for t in {r["env_id"] for r in rows}
+    }
+
+
+def with_table(text: str, table_text: str) -> str:
+    """README.md's text with the table between its two marker lines replaced."""
+    begin = text.index("\n", text.index("<!-- table: begin")) + 1
+    return text[:begin] + table_text + text[text.index("<!-- table: end -->") :]
+
+
+if __name__ == "__main__":
+    mode: Union[Random, Anchors, Report] = tyro.extras.subcommand_cli_from_dict(
+        dict(random=Random, anchors=Anchors, report=Report)
+    )
+    dict(Random=random_returns, Anchors=copy_anchors, Report=report)[type(mode).__name__](mode)

@@ -1,0 +1,46 @@
+"""benchmarks/high_dim.py: the long runs' table against an independent computation, and the committed table against
+the committed curves it was made from."""
+
+import os
+import sys
+
+import numpy as np
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import high_dim  # noqa: E402
+
+DOCS = os.path.join(ROOT, "docs", "high_dim")
+
+
+def test_the_table_averages_each_seeds_last_ten_and_whole_run_up_to_each_checkpoint():
+    # seed 1: one episode per 1000 steps to 260k, returning step / 1000; seed 2 the same plus 7, to 120k only
+    episodes = [
+        dict(env_id="dog-walk", seed=s, step=t, episodic_return=t / 1000 + 7 * (s == 2))
+        for s, end in ((1, 260_000), (2, 120_000))
+        for t in range(1000, end + 1, 1000)
+    ]
+    runs = [
+        dict(env_id="dog-walk", seed=1, reached=260_000, sps=61.0, cpu="AVX2"),
+        dict(env_id="dog-walk", seed=2, reached=120_000, sps=59.0, cpu="AVX2"),
+    ]
+    row = high_dim.table(episodes, runs, {"dog-walk": 3.25}).splitlines()[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["dog-walk", "1: 260k, 2: 120k", "59 (AVX2), 61 (AVX2)", "3.2"]
+    last10 = [np.mean(np.arange(91, 101)), np.mean(np.arange(91, 101)) + 7]  # at 100k: episodes 91..100
+    whole = [np.mean(np.arange(1, 101)), np.mean(np.arange(1, 101)) + 7]
+    se = lambda v: np.std(v, ddof=1) / np.sqrt(2)  # noqa: E731
+    assert cells[4] == f"{np.mean(last10):.1f} ± {se(last10):.1f} (2); {np.mean(whole):.1f} ± {se(whole):.1f} (2)"
+    assert cells[5] == f"{np.mean(np.arange(241, 251)):.1f} (1); {np.mean(np.arange(1, 251)):.1f} (1)"  # seed 1 only
+    assert cells[6:] == ["–", "–"]  # no seed has reached 500k or 1M
+
+
+def test_the_committed_table_is_what_the_committed_curves_say():
+    table = high_dim.table(
+        high_dim.read(os.path.join(DOCS, "learning_curves.csv")),
+        high_dim.read(os.path.join(DOCS, "runs.csv")),
+        high_dim.random_floor(DOCS),
+    )
+    text = open(os.path.join(DOCS, "README.md")).read()
+    assert high_dim.with_table(text, table) == text
