@@ -40,11 +40,24 @@ RELEASE_CURVES = os.path.join(ROOT, "docs", "qmle_release", "curves.csv")
 # an experiment is that system at its defaults (a full match; `qmle_n1...`: --num-envs 1 is the default).
 # Any other experiment, a variant, takes the next free colour of the figure, and so does a second experiment of a
 # system already shown (two runs of the defaults from different times): no two lines of a figure share a colour.
-COLOURS = {"release": "black", "qmle_dmc": "C0", "qtopt_cem": "C1", "aql": "C2", "uniformql": "C3",
-           "wolpertinger": "C4", "random": "grey"}
-SYSTEMS = {"release": r"release", "qmle_dmc": r"qmle_dmc|qmle_n1(?!\d).*", "qtopt_cem": r"qtopt_cem",
-           "aql": r"aql|aql_discrete|aql_amortisation", "uniformql": r"uniformql", "wolpertinger": r"wolpertinger",
-           "random": r"random"}
+COLOURS = {
+    "release": "black",
+    "qmle_dmc": "C0",
+    "qtopt_cem": "C1",
+    "aql": "C2",
+    "uniformql": "C3",
+    "wolpertinger": "C4",
+    "random": "grey",
+}
+SYSTEMS = {
+    "release": r"release",
+    "qmle_dmc": r"qmle_dmc|qmle_n1(?!\d).*",
+    "qtopt_cem": r"qtopt_cem",
+    "aql": r"aql|aql_discrete|aql_amortisation",
+    "uniformql": r"uniformql",
+    "wolpertinger": r"wolpertinger",
+    "random": r"random",
+}
 FREE_COLOURS = ["C5", "C6", "C8", "C9", "C7"]
 
 
@@ -143,8 +156,12 @@ class Random:
     """episodes per task and seed"""
 
 
-Mode = Union[Annotated[Run, tyro.conf.subcommand("run")], Annotated[Print, tyro.conf.subcommand("print")],
-             Annotated[Report, tyro.conf.subcommand("report")], Annotated[Random, tyro.conf.subcommand("random")]]
+Mode = Union[
+    Annotated[Run, tyro.conf.subcommand("run")],
+    Annotated[Print, tyro.conf.subcommand("print")],
+    Annotated[Report, tyro.conf.subcommand("report")],
+    Annotated[Random, tyro.conf.subcommand("random")],
+]
 
 
 def fail(message: str) -> None:
@@ -155,8 +172,10 @@ def check(args) -> None:
     for name in ("total_timesteps", "jobs", "last_episodes", "episodes", "bootstrap_reps"):
         if getattr(args, name, 1) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for option, items, numbers in (("--reach", getattr(args, "reach", []), 1),
-                                   ("--windows", getattr(args, "windows", []), 2)):
+    for option, items, numbers in (
+        ("--reach", getattr(args, "reach", []), 1),
+        ("--windows", getattr(args, "windows", []), 2),
+    ):
         for item in items:
             parts = item.rsplit("=", 1)[1:] if option == "--reach" else item.split("-")
             try:
@@ -164,8 +183,10 @@ def check(args) -> None:
             except ValueError:
                 values = []
             if len(values) != numbers or not all(map(math.isfinite, values)):
-                fail(f"{option} {item!r}: expected {'ENV_ID=RETURN' if numbers == 1 else 'START-END'} with finite "
-                     "numbers")
+                fail(
+                    f"{option} {item!r}: expected {'ENV_ID=RETURN' if numbers == 1 else 'START-END'} with finite "
+                    "numbers"
+                )
     for label in getattr(args, "labels", []):
         if "=" not in label:
             fail(f"--labels {label!r}: expected EXP=LABEL")
@@ -209,12 +230,18 @@ def check_extra(args: Grid) -> None:
         fail(f"--extra {args.extra!r}: {error}")
     for flag in flags:
         if flag.partition("=")[0].replace("_", "-") in GRID_FLAGS:
-            fail(f"--extra {args.extra!r}: {flag.partition('=')[0]} is set by the grid for each run (--env-ids, "
-                 "--seeds, --total-timesteps, --exp-name)")
+            fail(
+                f"--extra {args.extra!r}: {flag.partition('=')[0]} is set by the grid for each run (--env-ids, "
+                "--seeds, --total-timesteps, --exp-name)"
+            )
     if not flags:
         return
-    child = subprocess.run([sys.executable, "-c", PARSE_FLAGS, os.path.join(ROOT, args.script), json.dumps(flags)],
-                           capture_output=True, text=True, env=dict(os.environ, MUJOCO_GL="disable"))
+    child = subprocess.run(
+        [sys.executable, "-c", PARSE_FLAGS, os.path.join(ROOT, args.script), json.dumps(flags)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MUJOCO_GL="disable"),
+    )
     if child.returncode == 2:  # tyro's refusal
         print(f"{args.script} refuses --extra {args.extra!r}:", file=sys.stderr)
         sys.stderr.write(child.stderr)
@@ -243,17 +270,23 @@ print(json.dumps({i: (difflib.get_close_matches(i, dmc + list(gym.registry), 1) 
 def check_env_ids(env_ids: List[str]) -> None:
     """Refuse ids that are neither a DeepMind Control task nor a Gymnasium id, with the nearest known id. Whether
     a known id suits the script (Box or discrete actions) its runs still check."""
-    child = subprocess.run([sys.executable, "-c", KNOWN_ENV_IDS, json.dumps(env_ids)], capture_output=True,
-                           text=True, env=dict(os.environ, MUJOCO_GL="disable"))
+    child = subprocess.run(
+        [sys.executable, "-c", KNOWN_ENV_IDS, json.dumps(env_ids)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MUJOCO_GL="disable"),
+    )
     if child.returncode != 0:  # no gymnasium or dm_control here (a login node): the runs check their own id
         last = (child.stderr.strip().splitlines() or ["(nothing said)"])[-1]
         print(f"note: --env-ids not checked here ({last}); each run checks its own", file=sys.stderr)
         return
     unknown = json.loads(child.stdout)
     if unknown:
-        fail("unknown --env-ids " + ", ".join(f"{i!r}" + (f" (did you mean {near!r}?)" if near else "")
-                                               for i, near in unknown.items())
-             + "; DeepMind Control tasks are domain-task (walker-walk), else a Gymnasium id (Pendulum-v1)")
+        fail(
+            "unknown --env-ids "
+            + ", ".join(f"{i!r}" + (f" (did you mean {near!r}?)" if near else "") for i, near in unknown.items())
+            + "; DeepMind Control tasks are domain-task (walker-walk), else a Gymnasium id (Pendulum-v1)"
+        )
 
 
 def exp_name(args: Grid) -> str:
@@ -261,9 +294,23 @@ def exp_name(args: Grid) -> str:
 
 
 def commands(args: Grid) -> List[List[str]]:
-    return [[sys.executable, os.path.join(ROOT, args.script), "--env-id", env_id, "--seed", str(seed),
-             "--total-timesteps", str(args.total_timesteps), "--exp-name", exp_name(args), *shlex.split(args.extra)]
-            for env_id in args.env_ids for seed in args.seeds]
+    return [
+        [
+            sys.executable,
+            os.path.join(ROOT, args.script),
+            "--env-id",
+            env_id,
+            "--seed",
+            str(seed),
+            "--total-timesteps",
+            str(args.total_timesteps),
+            "--exp-name",
+            exp_name(args),
+            *shlex.split(args.extra),
+        ]
+        for env_id in args.env_ids
+        for seed in args.seeds
+    ]
 
 
 def log_name(exp: str, cmd: List[str]) -> str:
@@ -275,8 +322,13 @@ def log_name(exp: str, cmd: List[str]) -> str:
 
 def run(args: Run) -> None:
     cmds = commands(args)
-    failed = launch(cmds, [os.path.join(args.runs_dir, "logs", log_name(exp_name(args), cmd)) for cmd in cmds],
-                    args.jobs, args.pin_cores, args.runs_dir)
+    failed = launch(
+        cmds,
+        [os.path.join(args.runs_dir, "logs", log_name(exp_name(args), cmd)) for cmd in cmds],
+        args.jobs,
+        args.pin_cores,
+        args.runs_dir,
+    )
     if failed:  # after the summary, so that a script or a cluster job waiting on this runner sees it
         raise SystemExit(1)
 
@@ -295,8 +347,15 @@ def launch(cmds: List[List[str]], logs: List[str], jobs: int, pin_cores: bool, r
             i, (cmd, log) = todo.pop(0)
             cmd = ["taskset", "-c", str(i % cores), *cmd] if pin_cores else cmd
             print(f"starting ({log}): {shlex.join(cmd)}", flush=True)
-            running.append(subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                                            cwd=os.path.dirname(os.path.abspath(runs_dir))))
+            running.append(
+                subprocess.Popen(
+                    cmd,
+                    stdout=open(log, "w"),
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=os.path.dirname(os.path.abspath(runs_dir)),
+                )
+            )
             started.append((running[-1], log))
         time.sleep(1)
     failed = [(p.returncode, log) for p, log in started if p.returncode != 0]
@@ -332,8 +391,9 @@ def read_curves(path: str) -> dict:
     """{exp_name: {(env_id, run): [(step, return), ...]}} of a learning_curves.csv or the release's curves.csv."""
     groups = defaultdict(lambda: defaultdict(list))
     for r in csv.DictReader(open(path)):
-        groups[r.get("exp_name", "release")][(r["env_id"], r["seed"])].append((int(r["step"]),
-                                                                               float(r["episodic_return"])))
+        groups[r.get("exp_name", "release")][(r["env_id"], r["seed"])].append(
+            (int(r["step"]), float(r["episodic_return"]))
+        )
     return {name: dict(curves) for name, curves in groups.items()}
 
 
@@ -341,7 +401,7 @@ def first_reach(points: list, bar: float, window: int) -> Optional[int]:
     """The step of the first episode whose window of the last `window` episodes averages at least `bar`."""
     returns = [r for _, r in points]
     for i in range(window - 1, len(points)):
-        if np.mean(returns[i - window + 1: i + 1]) >= bar:
+        if np.mean(returns[i - window + 1 : i + 1]) >= bar:
             return points[i][0]
     return None
 
@@ -372,8 +432,8 @@ def intervals(columns: list, reps: int) -> list:
     texts = [("-", "-")] * len(columns)
     if whole:
         np.random.seed(0)  # rliable resamples with numpy's global generator: the same intervals at every report
-        aggregate = lambda x: np.array([[f(x[:, [j]]) for j in range(x.shape[1])]  # noqa: E731
-                                        for f in (metrics.aggregate_mean, metrics.aggregate_iqm)]).ravel()
+        statistics = (metrics.aggregate_mean, metrics.aggregate_iqm)  # each of one column: one task in rliable's terms
+        aggregate = lambda x: np.array([f(x[:, [j]]) for f in statistics for j in range(x.shape[1])])
         point, interval = library.get_interval_estimates({"runs": scores[:, whole]}, aggregate, reps=reps)
         found = [f"{p:.1f} [{low:.1f}, {high:.1f}]" for p, low, high in zip(point["runs"], *interval["runs"])]
         for i, j in enumerate(whole):
@@ -397,10 +457,9 @@ def mean_per_step(points: list) -> tuple:
 
 def tracked(path: str) -> bool:
     """Whether git tracks the file (a committed figure or table)."""
-    folder = os.path.dirname(os.path.abspath(path))
+    command = ["git", "ls-files", "--error-unmatch", os.path.basename(path)]
     try:
-        return subprocess.run(["git", "ls-files", "--error-unmatch", os.path.basename(path)], cwd=folder,
-                              capture_output=True).returncode == 0
+        return subprocess.run(command, cwd=os.path.dirname(os.path.abspath(path)), capture_output=True).returncode == 0
     except OSError:  # no such folder, or no git
         return False
 
@@ -431,8 +490,14 @@ def report(args: Report) -> None:
         # runs/ wins run by run: a task and seed it holds replaces the saved curve, saved runs of others stay
         ran = read_metric(args.runs_dir, name, "charts/episodic_return")
         ran_seeds = {(env_id, run.split()[0]) for env_id, run in ran}  # a run is "seed" or "seed (time)"
-        groups[name] = {**{(env_id, run): points for (env_id, run), points in groups.get(name, {}).items()
-                           if (env_id, run.split()[0]) not in ran_seeds}, **ran}
+        groups[name] = {
+            **{
+                (env_id, run): points
+                for (env_id, run), points in groups.get(name, {}).items()
+                if (env_id, run.split()[0]) not in ran_seeds
+            },
+            **ran,
+        }
     release = {}
     for path in args.release_curves:
         release.update(read_curves(path).get("release", {}))
@@ -441,17 +506,22 @@ def report(args: Report) -> None:
     for name, curves in groups.items():
         for (env_id, run_id), points in list(curves.items()):
             if not points or points[-1][0] < args.min_steps:
-                print(f"note: {name} on {env_id}, run {run_id}, is at step {points[-1][0] if points else 0}"
-                      f"{' (no finished episode)' if not points else ''}; left out")
+                print(
+                    f"note: {name} on {env_id}, run {run_id}, is at step {points[-1][0] if points else 0}"
+                    f"{' (no finished episode)' if not points else ''}; left out"
+                )
                 del curves[(env_id, run_id)]
             elif " (" in str(run_id):
                 print(f"note: {name} on {env_id}: seed {run_id.split()[0]} ran more than once; each run is reported")
 
     env_ids = sorted({env for name in args.exp_names for env, _ in groups.get(name, {})})  # release-only left out
     if not env_ids:  # before anything is written: a mistyped name must not replace a saved learning_curves.csv
-        fail(f"no finished episode of {' '.join(args.exp_names)} in {args.runs_dir}/"
-             + (f" or {' '.join(args.curves)}" if args.curves else "")
-             + (f" from a run that reached step {args.min_steps}" if args.min_steps else "") + "; nothing written")
+        fail(
+            f"no finished episode of {' '.join(args.exp_names)} in {args.runs_dir}/"
+            + (f" or {' '.join(args.curves)}" if args.curves else "")
+            + (f" from a run that reached step {args.min_steps}" if args.min_steps else "")
+            + "; nothing written"
+        )
     output_dir = args.output_dir or os.path.join(args.runs_dir, f"report__{int(time.time())}")
     refuse_tracked([os.path.join(output_dir, f"learning_curves.{ext}") for ext in ("csv", "png")], args.overwrite)
     os.makedirs(output_dir, exist_ok=True)
@@ -464,66 +534,99 @@ def report(args: Report) -> None:
 
     windows = [tuple(float(x) for x in w.split("-")) for w in args.windows]
     last = args.last_episodes
-    headers = ["whole run", "first half", "second half", *(f"{int(a) // 1000}k-{int(b) // 1000}k" for a, b in windows),
-               f"last {last} episodes"]
-    print("Mean return per run (mean ± standard error over runs; per-run values below the table). The runs of a "
-          "task and system are compared up to the step their shortest run reached: longer runs are cut there "
-          "(column cut: the run and its own end), and so are the curves.\n")
+    headers = [
+        "whole run",
+        "first half",
+        "second half",
+        *(f"{int(a) // 1000}k-{int(b) // 1000}k" for a, b in windows),
+        f"last {last} episodes",
+    ]
+    print(
+        "Mean return per run (mean ± standard error over runs; per-run values below the table). The runs of a "
+        "task and system are compared up to the step their shortest run reached: longer runs are cut there "
+        "(column cut: the run and its own end), and so are the curves.\n"
+    )
     print(f"| task | system | runs | up to step | cut | {' | '.join(headers)} | last {last} vs release |")
     print("|---|---|---|---|---|" + "---|" * (len(headers) + 1))
     per_run_lines, interval_lines, release_last = [], [], {}
     for env_id in env_ids:
         for name in ["release", *args.exp_names]:
-            runs = {run_id: pts for (env, run_id), pts in sorted(groups.get(name, {}).items(), key=by_run)
-                    if env == env_id}
+            runs = {
+                run_id: pts for (env, run_id), pts in sorted(groups.get(name, {}).items(), key=by_run) if env == env_id
+            }
             if not runs:
                 continue
             ends = {run_id: pts[-1][0] for run_id, pts in runs.items()}
             steps = min(ends.values())  # every run judged over the same steps
             cut = {run_id: end for run_id, end in ends.items() if end > steps}
-            columns = [[window_mean(pts, 0, steps) for pts in runs.values()],
-                       [window_mean(pts, 0, steps / 2) for pts in runs.values()],
-                       [window_mean(pts, steps / 2, steps) for pts in runs.values()],
-                       *([window_mean(pts, a, b) for pts in runs.values()] for a, b in windows),
-                       [float(np.mean([r for s, r in pts if s <= steps][-last:])) for pts in runs.values()]]
+            columns = [
+                [window_mean(pts, 0, steps) for pts in runs.values()],
+                [window_mean(pts, 0, steps / 2) for pts in runs.values()],
+                [window_mean(pts, steps / 2, steps) for pts in runs.values()],
+                *([window_mean(pts, a, b) for pts in runs.values()] for a, b in windows),
+                [float(np.mean([r for s, r in pts if s <= steps][-last:])) for pts in runs.values()],
+            ]
             mean_last = float(np.mean(columns[-1]))
             release_last.setdefault(env_id, mean_last if name == "release" else None)
             ratio = f"{mean_last / release_last[env_id]:.0%}" if release_last[env_id] else "-"
-            print(f"| {env_id} | {label(name)} | {len(runs)} | {steps} | "
-                  + (", ".join(f"{run_id} ({end})" for run_id, end in cut.items()) or "none") + " | "
-                  + " | ".join(summary(c) for c in columns) + f" | {ratio} |")
+            print(
+                f"| {env_id} | {label(name)} | {len(runs)} | {steps} | "
+                + (", ".join(f"{run_id} ({end})" for run_id, end in cut.items()) or "none")
+                + " | "
+                + " | ".join(summary(c) for c in columns)
+                + f" | {ratio} |"
+            )
             for header, column in zip(headers, columns):
-                per_run_lines.append(f"| {env_id} | {label(name)} | {header} | "
-                                     + ", ".join(f"{run_id}: {v:.1f}" for run_id, v in zip(runs, column)) + " |")
+                per_run_lines.append(
+                    f"| {env_id} | {label(name)} | {header} | "
+                    + ", ".join(f"{run_id}: {v:.1f}" for run_id, v in zip(runs, column))
+                    + " |"
+                )
             if cut:  # what each run reached at its own end
                 own = [float(np.mean([r for _, r in pts][-last:])) for pts in runs.values()]
-                per_run_lines.append(f"| {env_id} | {label(name)} | last {last} episodes at each run's own end | "
-                                     + ", ".join(f"{run_id} (at {ends[run_id]}): {v:.1f}"
-                                                 for run_id, v in zip(runs, own)) + " |")
-            interval_lines += [f"| {env_id} | {label(name)} | {len(runs)} | {header} | {mean} | {iqm} |"
-                               for header, (mean, iqm) in zip(headers, intervals(columns, args.bootstrap_reps))]
+                per_run_lines.append(
+                    f"| {env_id} | {label(name)} | last {last} episodes at each run's own end | "
+                    + ", ".join(f"{run_id} (at {ends[run_id]}): {v:.1f}" for run_id, v in zip(runs, own))
+                    + " |"
+                )
+            interval_lines += [
+                f"| {env_id} | {label(name)} | {len(runs)} | {header} | {mean} | {iqm} |"
+                for header, (mean, iqm) in zip(headers, intervals(columns, args.bootstrap_reps))
+            ]
     print("\n| task | system | returns over | per run |\n|---|---|---|---|\n" + "\n".join(per_run_lines))
-    print("\nThe same columns with 95% confidence intervals over the runs: rliable's percentile stratified bootstrap "
-          f"({args.bootstrap_reps} resamples) of the mean and of the interquartile mean (IQM: the mean of the middle "
-          "half of the runs), as Agarwal et al. recommend (NeurIPS 2021). With few runs these intervals are narrow "
-          "(a bootstrap cannot see beyond the runs it has).\n")
-    print("| task | system | runs | returns over | mean [95% CI] | IQM [95% CI] |\n|---|---|---|---|---|---|\n"
-          + "\n".join(interval_lines))
+    print(
+        "\nThe same columns with 95% confidence intervals over the runs: rliable's percentile stratified bootstrap "
+        f"({args.bootstrap_reps} resamples) of the mean and of the interquartile mean (IQM: the mean of the middle "
+        "half of the runs), as Agarwal et al. recommend (NeurIPS 2021). With few runs these intervals are narrow "
+        "(a bootstrap cannot see beyond the runs it has).\n"
+    )
+    print(
+        "| task | system | runs | returns over | mean [95% CI] | IQM [95% CI] |\n|---|---|---|---|---|---|\n"
+        + "\n".join(interval_lines)
+    )
 
     for metric in args.metrics:
         for name in args.exp_names:
             for (env_id, run_id), values in sorted(read_metric(args.runs_dir, name, metric).items(), key=by_run):
                 if values:
                     logged = [v for _, v in values[-last:]]
-                    print(f"| {env_id} | {name} | seed {run_id} | {metric}, last {len(logged)} logged values "
-                          f"(steps {values[-len(logged)][0]}-{values[-1][0]}) | {np.mean(logged):.4f} |")
+                    print(
+                        f"| {env_id} | {name} | seed {run_id} | {metric}, last {len(logged)} logged values "
+                        f"(steps {values[-len(logged)][0]}-{values[-1][0]}) | {np.mean(logged):.4f} |"
+                    )
     for bar in args.reach:
         env_id, value = bar.rsplit("=", 1)
         for name in args.exp_names:
-            firsts = {run_id: first_reach(pts, float(value), last)
-                      for (env, run_id), pts in sorted(groups.get(name, {}).items(), key=by_run) if env == env_id}
-            print(f"| {env_id} | {name} | last-{last} mean >= {value} first at step | "
-                  + ", ".join(f"{run_id}: {'never' if s is None else s}" for run_id, s in firsts.items()) + " |")
+            firsts = {
+                run_id: first_reach(pts, float(value), last)
+                for (env, run_id), pts in sorted(groups.get(name, {}).items(), key=by_run)
+                if env == env_id
+            }
+            print(
+                f"| {env_id} | {name} | last-{last} mean >= {value} first at step | "
+                + ", ".join(f"{run_id}: {'never' if s is None else s}" for run_id, s in firsts.items())
+                + " |"
+            )
 
     colours, seeds = colours_of(list(groups)), defaultdict(set)
     fig, axes = plt.subplots(1, len(env_ids), figsize=(5 * len(env_ids), 3.8), squeeze=False)
@@ -544,10 +647,17 @@ def report(args: Report) -> None:
         ax.set(title=env_id, xlabel="environment steps", ylabel="episodic return (training)")
     # One legend for all panels, below them: each entry a line over its band, with the seeds it averages.
     names = [name for name in groups if seeds[name]]
-    fig.legend([(Patch(color=colours[n], alpha=0.2, linewidth=0), plt.Line2D([], [], color=colours[n])) for n in names],
-               [f"{label(n)} ({seeds_text(seeds[n])})" for n in names], loc="upper center", bbox_to_anchor=(0.5, 0.0),
-               ncol=max(1, min(len(names), len(env_ids))), fontsize=8, frameon=False, title_fontsize=8,
-               title="line: mean over seeds; shaded band: ±1 standard error of that mean over the seeds")
+    fig.legend(
+        [(Patch(color=colours[n], alpha=0.2, linewidth=0), plt.Line2D([], [], color=colours[n])) for n in names],
+        [f"{label(n)} ({seeds_text(seeds[n])})" for n in names],
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=max(1, min(len(names), len(env_ids))),
+        fontsize=8,
+        frameon=False,
+        title_fontsize=8,
+        title="line: mean over seeds; shaded band: ±1 standard error of that mean over the seeds",
+    )
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, "learning_curves.png"), dpi=110, bbox_inches="tight")
     print(f"\nwrote {output_dir}/learning_curves.csv and learning_curves.png")

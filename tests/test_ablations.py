@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import tyro
-
-import qmle_dmc as q
 from conftest import ROOT, run_script
 from test_learning import git, write_run
+
+import qmle_dmc as q
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import ablations  # noqa: E402
@@ -27,8 +27,13 @@ def parsed(exp_name, total_timesteps=100_000):
 
 
 def budgets(args):
-    split = lambda m: q.Budget.split(m, args.rho_uniform, args.rho_delta, args.rho_categorical,  # noqa: E731
-                                     args.grid_fraction)
+    split = lambda m: q.Budget.split(
+        m,
+        args.rho_uniform,
+        args.rho_delta,
+        args.rho_categorical,  # noqa: E731
+        args.grid_fraction,
+    )
     return split(args.m_greedy), split(args.m_target)
 
 
@@ -44,8 +49,9 @@ def test_fig9_changes_the_budgets_alone():
     small, large, defaults = parsed("fig9_m2"), parsed("fig9_m1000"), q.Args()
     assert (small.m_greedy, small.m_target, large.m_greedy, large.m_target) == (2, 2, 1000, 1000)
     for args in (small, large):  # Table 1's ratios and everything else as the defaults
-        assert {k: v for k, v in vars(args).items() if k not in ("m_greedy", "m_target")} == \
-               {k: v for k, v in vars(defaults).items() if k not in ("m_greedy", "m_target")}
+        assert {k: v for k, v in vars(args).items() if k not in ("m_greedy", "m_target")} == {
+            k: v for k, v in vars(defaults).items() if k not in ("m_greedy", "m_target")
+        }
 
 
 def test_fig10_pits_categorical_only_qmle_on_the_grid_against_dqn_on_the_same_grid():
@@ -53,8 +59,11 @@ def test_fig10_pits_categorical_only_qmle_on_the_grid_against_dqn_on_the_same_gr
     args, defaults = parsed("fig10_qmle", total), q.Args()
     # Appendix D.3: Table 1's budgets and uniform share, delta 0, the rest categorical; on the bang-off-bang grid
     # for the whole run.
-    assert (args.m_greedy, args.m_target, args.rho_uniform) == (defaults.m_greedy, defaults.m_target,
-                                                                defaults.rho_uniform)
+    assert (args.m_greedy, args.m_target, args.rho_uniform) == (
+        defaults.m_greedy,
+        defaults.m_target,
+        defaults.rho_uniform,
+    )
     assert args.rho_delta == 0 and args.rho_categorical == pytest.approx(1 - defaults.rho_uniform)
     assert args.num_bins == 3 and args.discrete_steps >= total
     (dqn,) = [v for v in ablations.FIGURES[10].variants if v.exp_name == "fig10_dqn"]
@@ -76,27 +85,33 @@ def test_every_command_is_a_real_run_of_its_script():
     for cmd, log in runs:
         assert os.path.isfile(cmd[1]) and cmd[cmd.index("--total-timesteps") + 1] == "5000"
         exp, env_id, seed = log[: -len(".log")].split("__")
-        assert (cmd[cmd.index("--exp-name") + 1], cmd[cmd.index("--env-id") + 1], cmd[cmd.index("--seed") + 1]) == \
-               (exp, env_id, seed)
+        assert (cmd[cmd.index("--exp-name") + 1], cmd[cmd.index("--env-id") + 1], cmd[cmd.index("--seed") + 1]) == (
+            exp,
+            env_id,
+            seed,
+        )
     paper = ablations.planned(tyro.cli(ablations.Mode, args=["print", "--figures", "10", "--paper-tasks"]))
     assert {cmd[cmd.index("--env-id") + 1] for cmd, _ in paper} >= {"finger-spin", "walker-walk", "dog-walk"}
 
 
-@pytest.mark.parametrize("relation, first, second, outcome", [
-    # means 12 and 10, standard errors 1 and 1: difference 2 ± 1.41, within two standard errors
-    ("better", [11, 13], [9, 11], "cannot be told apart at this scale"),
-    ("better", [14, 16], [9, 11], "held"),  # +5 ± 1.41
-    ("better", [4, 6], [9, 11], "did not hold"),
-    ("similar", [11, 13], [9, 11], "held (no difference beyond two standard errors)"),
-    ("similar", [14, 16], [9, 11], "did not hold"),
-    ("not worse", [8, 10], [9, 11], "held (not behind by more than two standard errors)"),  # -1 ± 1.41
-    ("not worse", [4, 6], [9, 11], "did not hold"),
-])
+@pytest.mark.parametrize(
+    "relation, first, second, outcome",
+    [
+        # means 12 and 10, standard errors 1 and 1: difference 2 ± 1.41, within two standard errors
+        ("better", [11, 13], [9, 11], "cannot be told apart at this scale"),
+        ("better", [14, 16], [9, 11], "held"),  # +5 ± 1.41
+        ("better", [4, 6], [9, 11], "did not hold"),
+        ("similar", [11, 13], [9, 11], "held (no difference beyond two standard errors)"),
+        ("similar", [14, 16], [9, 11], "did not hold"),
+        ("not worse", [8, 10], [9, 11], "held (not behind by more than two standard errors)"),  # -1 ± 1.41
+        ("not worse", [4, 6], [9, 11], "did not hold"),
+    ],
+)
 def test_a_verdict_is_two_standard_errors_of_the_difference(relation, first, second, outcome):
     claim = ablations.Claim("claim", "a", "b", relation, "whole run")
     verdict, diff, se = ablations.verdict(claim, first, second)
     assert verdict == outcome
-    assert diff == pytest.approx(sum(first) / 2 - sum(second) / 2) and se == pytest.approx(2 ** 0.5)
+    assert diff == pytest.approx(sum(first) / 2 - sum(second) / 2) and se == pytest.approx(2**0.5)
 
 
 @pytest.mark.parametrize("relation", ["better", "similar", "not worse"])
@@ -114,10 +129,14 @@ def test_report_writes_each_figures_table_verdict_and_plot_and_rereads_them_with
     args = ablations.Report(figures=[8], runs_dir=str(runs), output_dir=str(out), curves_dir=str(out))
     page = ablations.report_figure(ablations.FIGURES[8], args)
     # whole run: the mean of 100 + seed + 0..19 is 109.5 + seed: 110.5, 111.5, 112.5 -> 111.5 ± 0.6
-    assert "| walker-walk | uniform sampling alone (ρ_uniform = 1, no cached arg-max) | 3 | 20000 | 111.5 ± 0.6 |" in page
+    assert (
+        "| walker-walk | uniform sampling alone (ρ_uniform = 1, no cached arg-max) | 3 | 20000 | 111.5 ± 0.6 |" in page
+    )
     assert "| walker-walk | delta predictor (ρ_uniform = ρ_delta = 0.5) | 3 | 20000 | 161.5 ± 0.6 |" in page
-    assert "walker-walk, whole run: amortised maximisation (the delta predictor and the cached arg-max) learns faster" \
+    assert (
+        "walker-walk, whole run: amortised maximisation (the delta predictor and the cached arg-max) learns faster"
         in page
+    )
     assert "**held**" in page and "difference +50.0 ± 0.8" in page
     assert open(out / "fig8.md").read() == page
     assert os.path.getsize(out / "fig8.png") > 10_000 and not os.path.exists(out / ".fig8")
@@ -127,12 +146,15 @@ def test_report_writes_each_figures_table_verdict_and_plot_and_rereads_them_with
     assert ablations.report_figure(ablations.FIGURES[9], gone) == ""  # nothing run: no page
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["run", "--figures", "7"], "--figures"),
-    (["run", "--jobs", "0"], "--jobs"),
-    (["print", "--total-timesteps", "0"], "--total-timesteps"),
-    (["print", "--paper-tasks", "--env-ids", "walker-walk"], "--paper-tasks"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["run", "--figures", "7"], "--figures"),
+        (["run", "--jobs", "0"], "--jobs"),
+        (["print", "--total-timesteps", "0"], "--total-timesteps"),
+        (["print", "--paper-tasks", "--env-ids", "walker-walk"], "--paper-tasks"),
+    ],
+)
 def test_values_the_ablations_runner_cannot_use_give_one_error_line_naming_the_flag(flags, named):
     result = run_script(os.path.join("benchmarks", "ablations.py"), *flags)
     (line,) = result.stderr.strip().splitlines()
@@ -157,8 +179,9 @@ def test_report_writes_a_new_folder_under_runs_and_replaces_committed_pages_only
             write_run(str(tmp_path / "runs"), "walker-walk", name, seed, [float(seed)] * 5)
 
     def report(*flags):
-        return run_script(os.path.join("benchmarks", "ablations.py"), "report", "--figures", "8", *flags,
-                          cwd=tmp_path, timeout=300)
+        return run_script(
+            os.path.join("benchmarks", "ablations.py"), "report", "--figures", "8", *flags, cwd=tmp_path, timeout=300
+        )
 
     assert report().returncode == 0
     (folder,) = [f for f in os.listdir(tmp_path / "runs") if f.startswith("ablations__")]
@@ -189,8 +212,9 @@ def test_run_warns_of_the_runs_that_cost_far_more_than_a_default_run():
     assert ablations.costs(here) == []
     budget = ablations.costs(ablations.planned(tyro.cli(ablations.Mode, args=["run", "--figures", "9"])))
     assert len(budget) == 1 and "fig9_m1000" in budget[0]
-    paper = ablations.costs(ablations.planned(tyro.cli(ablations.Mode, args=["run", "--figures", "10",
-                                                                             "--paper-tasks"])))
+    paper = ablations.costs(
+        ablations.planned(tyro.cli(ablations.Mode, args=["run", "--figures", "10", "--paper-tasks"]))
+    )
     assert len(paper) == 1 and "quadruped-walk" in paper[0]
 
 
@@ -204,13 +228,19 @@ def test_every_variant_of_a_task_is_judged_over_the_steps_of_its_shortest_run(tm
     page = ablations.report_figure(ablations.FIGURES[8], args)
     # both variants over 0-8k: amortised 103.5 and 203.5, uniform 13.5 and 23.5 (one seed would say 19.5 over 20k)
     assert "| cartpole-swingup | delta predictor (ρ_uniform = ρ_delta = 0.5) | 2 | 8000 | 153.5 ± 50.0 |" in page
-    assert "| cartpole-swingup | uniform sampling alone (ρ_uniform = 1, no cached arg-max) | 2 | 8000 | 18.5 ± 5.0 |" in page
+    assert (
+        "| cartpole-swingup | uniform sampling alone (ρ_uniform = 1, no cached arg-max) | 2 | 8000 | 18.5 ± 5.0 |"
+        in page
+    )
     # and the page says which runs were cut
-    assert ("- cartpole-swingup: up to step 8000, where its shortest run ends; cut there: delta predictor (ρ_uniform = "
-            "ρ_delta = 0.5), seed 1 (at 20000); delta predictor (ρ_uniform = ρ_delta = 0.5), seed 2 (at 20000); "
-            "uniform sampling alone (ρ_uniform = 1, no cached arg-max), seed 1 (at 20000).") in page
-    left_out = ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path / "min"), curves_dir=str(runs),
-                                min_steps=10_000)
+    assert (
+        "- cartpole-swingup: up to step 8000, where its shortest run ends; cut there: delta predictor (ρ_uniform = "
+        "ρ_delta = 0.5), seed 1 (at 20000); delta predictor (ρ_uniform = ρ_delta = 0.5), seed 2 (at 20000); "
+        "uniform sampling alone (ρ_uniform = 1, no cached arg-max), seed 1 (at 20000)."
+    ) in page
+    left_out = ablations.Report(
+        runs_dir=str(runs), output_dir=str(tmp_path / "min"), curves_dir=str(runs), min_steps=10_000
+    )
     assert "| 1 | 20000 | 19.5 |" in ablations.report_figure(ablations.FIGURES[8], left_out)
 
 
@@ -233,6 +263,8 @@ def test_a_verdict_on_one_seed_says_which_variant_has_no_spread_instead_of_an_in
     args = ablations.Report(runs_dir=str(runs), output_dir=str(tmp_path), curves_dir=str(tmp_path))
     page = ablations.report_figure(ablations.FIGURES[9], args)
     # whole run: 309.5 against the mean of 110.5, 111.5 and 112.5
-    assert (f"**cannot be told apart at this scale** ({label['fig9_m1000']} 309.5 against {label['fig9_m2']} "
-            f"111.5 ± 0.6; one seed of {label['fig9_m1000']}, no spread to judge a difference of +198.0 by)") in page
+    assert (
+        f"**cannot be told apart at this scale** ({label['fig9_m1000']} 309.5 against {label['fig9_m2']} "
+        f"111.5 ± 0.6; one seed of {label['fig9_m1000']}, no spread to judge a difference of +198.0 by)"
+    ) in page
     assert "± inf" not in page
