@@ -29,7 +29,6 @@ import learning  # noqa: E402  (the runner and report these figures share with e
 
 ROOT = learning.ROOT
 OUTPUT_DIR = os.path.join(ROOT, "docs", "ablations")
-BOOTSTRAP_REPS = learning.Report.bootstrap_reps
 
 
 @dataclass(frozen=True)
@@ -243,6 +242,8 @@ class Report(Selection):
     """where the figures' pages, plots and curves go (default: a new folder {runs-dir}/ablations__{time})"""
     overwrite: bool = False
     """replace files there that git tracks (the committed pages); without it they are refused"""
+    bootstrap_reps: int = learning.Report.bootstrap_reps
+    """resamples of the bootstrap confidence intervals (rliable)"""
     last_episodes: int = 10
     """episodes averaged at the end of each run (the 'last episodes' column)"""
     min_steps: int = 0
@@ -261,7 +262,7 @@ def check(args) -> None:
     unknown = [n for n in args.figures if n not in FIGURES]
     if unknown:
         learning.fail(f"--figures: no figure {unknown[0]}; the ablations are figures {', '.join(map(str, FIGURES))}")
-    for name in ("total_timesteps", "jobs", "last_episodes"):
+    for name in ("total_timesteps", "jobs", "last_episodes", "bootstrap_reps"):
         if getattr(args, name, 1) < 1:
             learning.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if getattr(args, "env_ids", None) and getattr(args, "paper_tasks", False):
@@ -417,7 +418,7 @@ def report_figure(figure: Figure, args: Report) -> str:
                 + "; ".join(f"{seed}: " + ", ".join(f"{t[c]:.1f}" for c in columns) for seed, t in table.items())
                 + " |"
             )
-            found = learning.intervals([values[(env_id, name)][c] for c in columns], BOOTSTRAP_REPS)
+            found = learning.intervals([values[(env_id, name)][c] for c in columns], args.bootstrap_reps)
             interval_rows += [
                 f"| {env_id} | {label[name]} | {c} | {mean} | {iqm} |" for c, (mean, iqm) in zip(columns, found)
             ]
@@ -426,7 +427,7 @@ def report_figure(figure: Figure, args: Report) -> str:
     lines += [
         "",
         f"95% confidence intervals over the seeds: rliable's percentile stratified bootstrap "
-        f"({BOOTSTRAP_REPS} resamples) of the mean and of the interquartile mean (IQM), as Agarwal et al. "
+        f"({args.bootstrap_reps} resamples) of the mean and of the interquartile mean (IQM), as Agarwal et al. "
         "recommend (NeurIPS 2021); with few seeds they are narrow.",
         "",
         "| task | variant | returns over | mean [95% CI] | IQM [95% CI] |",

@@ -641,7 +641,7 @@ def report(args: Report) -> None:
             values = np.array([np.interp(grid, steps, returns) for steps, returns in runs])
             mean = values.mean(0)
             sem = values.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
-            ax.plot(grid, mean, color=colours[name], label=label(name))
+            ax.plot(grid, mean, color=colours[name], label=label(name), marker="o" if len(grid) == 1 else None)
             ax.fill_between(grid, mean - sem, mean + sem, color=colours[name], alpha=0.2, linewidth=0)
             seeds[name].add(len(runs))
         ax.set(title=env_id, xlabel="environment steps", ylabel="episodic return (training)")

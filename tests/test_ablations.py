@@ -180,7 +180,14 @@ def test_report_writes_a_new_folder_under_runs_and_replaces_committed_pages_only
 
     def report(*flags):
         return run_script(
-            os.path.join("benchmarks", "ablations.py"), "report", "--figures", "8", *flags, cwd=tmp_path, timeout=300
+            os.path.join("benchmarks", "ablations.py"),
+            "report",
+            "--figures",
+            "8",
+            "--bootstrap-reps",
+            "10",
+            *flags,
+            cwd=tmp_path,
         )
 
     assert report().returncode == 0

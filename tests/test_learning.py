@@ -415,6 +415,20 @@ def test_curves_of_several_environments_average_the_episodes_that_end_at_the_sam
     assert y[at_logged].mean() == pytest.approx(per_run.mean())
 
 
+def test_a_run_whose_episodes_all_end_at_one_step_is_one_point_at_their_mean(tmp_path, monkeypatch):
+    # three environments of humanoid-walk, their first episodes all ending at step 3000
+    write_run(str(tmp_path / "runs"), "humanoid-walk", "mine", 1, [0.47, 1.18, 2.13], steps=[3000] * 3)
+    figures = figure_of(monkeypatch)
+    learning.report(
+        learning.Report(
+            runs_dir=str(tmp_path / "runs"), exp_names=["mine"], release_curves=[], output_dir=str(tmp_path / "out")
+        )
+    )
+    (line,) = figures[-1].axes[0].lines
+    assert list(line.get_xdata()) == [3000] and line.get_ydata() == pytest.approx([(0.47 + 1.18 + 2.13) / 3])
+    assert line.get_marker() not in (None, "None", "")  # a single point is drawn
+
+
 def test_runs_of_unequal_length_are_compared_over_the_shortest_and_the_cut_is_said(tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"
     write_run(str(runs), "walker-walk", "mine", 1, [10.0, 20.0, 30.0])
