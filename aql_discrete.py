@@ -1,407 +1,108 @@
-"""AQL: amortized Q-learning over a product of discrete sub-action sets, on DeepMind Control and Gymnasium.
+"""AQL: amortized Q-learning over a product of discrete sub-actions, on DeepMind Control and Gymnasium.
 
-Every action dimension is cut into --num-bins bins (a Gymnasium Discrete(n) space is one dimension of n bins),
-so an action is a vector of D bin indices. An action-in Q network is maximised over a candidate set: N samples
-of a learned proposal, autoregressive over sub-actions (each a softmax given the state and the sub-actions
-drawn before it), and M uniform samples. The proposal is trained by maximum likelihood toward the arg-max over
-that set, with an entropy bonus, so the search amortises itself; --n-proposal 0 is the UniformQL baseline.
+Every action dimension is cut into --num-bins bins (a Discrete(n) space is one dimension of n bins). max_a Q(s, a) of
+an action-in Q network is taken over N samples of a learned proposal, autoregressive over sub-actions, and M uniform
+samples; the proposal learns by maximum likelihood toward that arg-max, with an entropy bonus, so the search amortises
+itself (--n-proposal 0: the UniformQL baseline). Van de Wiele, Warde-Farley, Mnih, Mnih, "Q-Learning in enormous
+action spaces via amortized approximate maximization", arXiv 2001.08116 (N = 100, M = 400); docs/aql_discrete.md.
 
-Paper: Van de Wiele, Warde-Farley, Mnih, Mnih, "Q-Learning in enormous action spaces via amortized
-approximate maximization", 2020 (arXiv 2001.08116): N = 100, M = 400. Headline run (21 action dimensions):
-
-    python aql_discrete.py --env-id humanoid-walk
+    python aql_discrete.py --env-id humanoid-walk   # the headline: 21 action dimensions, 11^21 actions
 """
 
-import contextlib
-import csv
+import collections
 import ctypes.util
 import functools
-import io
-import itertools
 import json
 import math
 import os
 import re
-
-# Offscreen rendering (only --capture-video renders) through EGL where its library is installed, else none:
-# dm_control loads the renderer MUJOCO_GL names when it is imported, and fails there if the library is missing.
-MUJOCO_GL_GIVEN = "MUJOCO_GL" in os.environ
-os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else "disable")
-os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # classic-control tasks render through pygame: no window
 import signal
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, get_args, get_type_hints
+from typing import Any, NamedTuple, Optional
 
+# dm_control picks its renderer when imported: EGL where installed (only --capture-video renders), else none.
+os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else "disable")
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # classic-control tasks render through pygame: no window
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/qmle-jax/xla"))  # JAX's disk cache:
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # a second run of a configuration starts fast
 import flax.linen as nn
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-try:
-    import shimmy  # noqa: F401  (importing it registers the dm_control/* Gymnasium ids)
-except ModuleNotFoundError:
-    raise
-except Exception as import_error:  # a renderer this machine cannot start (libEGL without a usable EGL device)
-    raise SystemExit(f"error: dm_control cannot be imported with MUJOCO_GL={os.environ['MUJOCO_GL']!r}"
-                     f"{'' if MUJOCO_GL_GIVEN else ' (chosen because libEGL is installed)'}: "
-                     f"{type(import_error).__name__}: {str(import_error).rstrip('.')}; "
-                     "MUJOCO_GL=disable runs without a renderer (no --capture-video)")
 import tyro
 from flax.training.train_state import TrainState
 
-# DeepMind Control declares float64 boxes; casting them to our float32 observations is intended.
-warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+try:
+    import shimmy  # noqa: F401  (registers the dm_control/* Gymnasium ids)
+except ModuleNotFoundError:
+    raise
+except Exception as e:  # a renderer this machine has but cannot start
+    sys.exit(f"error: dm_control cannot start with MUJOCO_GL={os.environ['MUJOCO_GL']} ({e}); MUJOCO_GL=disable runs")
+warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")  # DMC's float64 boxes
 
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (part of the run name)"""
-    seed: int = 1
-    """seed of the experiment: environment, exploration and network initialisation"""
-    track: bool = False
-    """log the run to Weights & Biases"""
-    wandb_project_name: str = "qmle-jax"
-    """the Weights & Biases project"""
-    wandb_entity: Optional[str] = None
-    """the Weights & Biases entity (team)"""
-    capture_video: bool = False
-    """record videos of the evaluation episodes to runs/{run_name}/videos (renders offscreen: EGL, or the
-    renderer MUJOCO_GL names; needs moviepy)"""
-    save_model: bool = False
-    """save the parameters, with the settings that give them meaning, to runs/{run_name}/{exp_name}.npz at the end
-    (before the final evaluation; a run that stops early saves them too)"""
-    load_model: Optional[str] = None
-    """path of a saved model: evaluate it greedily for --eval-episodes episodes instead of training"""
+    env_id: str = (
+        "walker-walk"  # DeepMind Control task `domain-task` (e.g. humanoid-walk), or a Box or Discrete Gymnasium id
+    )
+    total_timesteps: int = 100_000  # environment steps to train for
+    learning_rate: float = 5e-4  # Adam step size, shared by the Q network and the proposal
+    buffer_size: int = 1_000_000  # replay memory capacity in transitions
+    gamma: float = 0.99  # discount factor
+    batch_size: int = 256  # transitions per update
+    learning_starts: int = 1000  # environment steps before the first update
+    train_frequency: int = 10  # environment steps between updates
+    target_network_frequency: int = 200  # environment steps between hard copies of Q and proposal into the target
+    epsilon: float = 0.1  # probability of a uniformly random action while training
+    prioritized_replay: bool = True  # proportional prioritised replay (--no-prioritized-replay: uniform)
+    priority_exponent: float = 0.6  # alpha: how strongly priorities skew sampling
+    importance_exponent: float = 0.2  # beta: strength of the importance-sampling correction
+    priority_epsilon: float = 1e-6  # added to |TD error|, so that no transition has zero priority
+    num_bins: int = 11  # bins per Box action dimension on [-1, 1] (odd: 0 is one); a Discrete(n) space has its n
+    n_proposal: int = 100  # N: proposal samples per state in every arg-max search (0: UniformQL, no proposal)
+    m_uniform: int = 400  # M: uniform samples per state in every arg-max search
+    entropy_coef: float = 0.1  # weight of the proposal's entropy bonus (keeps it from collapsing between targets)
+    proposal_hidden: int = 128  # width of the proposal's hidden layer
+    amortisation_states: int = 256  # replayed states the update before each log line measures the gap on (0: never)
 
-    env_id: str = "walker-walk"
-    """DeepMind Control id `domain-task` (e.g. humanoid-walk) or a Gymnasium id with Box or Discrete actions"""
-    total_timesteps: int = 100_000
-    """environment steps to train for"""
-    learning_rate: float = 5e-4
-    """Adam step size, shared by the Q network and the proposal"""
-    buffer_size: int = 1_000_000
-    """replay memory capacity in transitions"""
-    gamma: float = 0.99
-    """discount factor"""
-    batch_size: int = 256
-    """transitions per update"""
-    learning_starts: int = 1000
-    """environment steps before the first update"""
-    train_frequency: int = 10
-    """environment steps between updates"""
-    target_network_frequency: int = 200
-    """environment steps between hard copies of Q and proposal into the target"""
-    epsilon: float = 0.1
-    """probability of a uniformly random action while training"""
-    prioritized_replay: bool = True
-    """proportional prioritised replay; --no-prioritized-replay samples uniformly"""
-    priority_exponent: float = 0.6
-    """alpha: how strongly priorities skew sampling"""
-    importance_exponent: float = 0.2
-    """beta: strength of the importance-sampling correction"""
-    priority_epsilon: float = 1e-6
-    """added to abs TD error so no transition gets zero priority"""
-
-    num_bins: int = 11
-    """bins per Box action dimension, evenly spaced on [-1, 1]; odd so that 0 (rest) is a bin, and 11 keeps the
-    extremes +-1 at a resolution of 0.2 (ignored for Discrete(n) spaces, which have n)"""
-    n_proposal: int = 100
-    """N: proposal samples per state in every arg-max search (0 = UniformQL: no proposal at all)"""
-    m_uniform: int = 400
-    """M: uniform samples per state in every arg-max search"""
-    entropy_coef: float = 0.1
-    """weight of the proposal's entropy bonus: keeps it from collapsing onto one action between targets"""
-    proposal_hidden: int = 128
-    """width of the proposal's hidden layer (128, as QMLE's predictors)"""
-    amortisation_states: int = 256
-    """replayed states on which charts/amortisation_* are measured, by the update before each log line (0 = never)"""
-
-    num_envs: int = 1
-    """environments stepped together, one process each when > 1; the update-to-data ratio stays one update per
-    --train-frequency environment steps counted over all of them (the paper: 1)"""
-    checkpoint_frequency: int = 0
-    """environment steps between checkpoints of the whole run to runs/{run_name}/checkpoint/, which is written
-    when the run ends or stops early too (0 = off)"""
-    resume: Optional[str] = None
-    """runs/{run_name} of a checkpointed run: continue it there, with its own settings (--total-timesteps, the
-    checkpoint, evaluation and logging flags may change)"""
-    xla_cache: str = "~/.cache/qmle-jax/xla"
-    """persistent XLA compilation cache, so that a second run of the same configuration starts at once ('' = off)"""
-    eval_frequency: int = 10_000
-    """environment steps between greedy evaluations (0 = never)"""
-    eval_episodes: int = 1
-    """episodes per greedy evaluation"""
-    log_frequency: int = 1000
-    """environment steps between console and metrics lines"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's
+    seed: int = 1  # seed of the environments, the exploration and the initialisation
+    num_envs: int = 1  # environments stepped together, a process each when > 1 (one update per train_frequency)
+    track: bool = False  # log the run to Weights & Biases
+    wandb_project_name: str = "qmle-jax"  # the Weights & Biases project
+    wandb_entity: Optional[str] = None  # the Weights & Biases entity (team)
+    capture_video: bool = False  # record the evaluation episodes to runs/{run}/videos (offscreen; needs moviepy)
+    save_model: bool = False  # save the parameters, with what gives them meaning, to runs/{run}/{exp_name}.npz
+    load_model: Optional[str] = None  # a saved model to evaluate for --eval-episodes episodes instead of training
+    checkpoint_frequency: int = 0  # steps between checkpoints of the whole run, also written when it stops (0: off)
+    resume: Optional[str] = None  # a checkpointed run's folder (runs/{run}) to continue with its own settings
+    eval_frequency: int = 10_000  # environment steps between greedy evaluations (0: never)
+    eval_episodes: int = 1  # episodes per greedy evaluation
+    log_frequency: int = 1000  # environment steps between console and metrics lines
 
 
-def check_args(args: Args) -> None:
-    """Reject settings that would crash later or silently train something else."""
-    for name, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            fail(f"--{flag(name)} must be a finite number, got {value}")
-    at_least = dict(total_timesteps=1, batch_size=1, train_frequency=1, num_envs=1, target_network_frequency=1,
-                    num_bins=2, proposal_hidden=1, eval_episodes=1, log_frequency=1)
-    at_least_zero = dict(learning_starts=0, eval_frequency=0, checkpoint_frequency=0, n_proposal=0, m_uniform=0,
-                         entropy_coef=0.0, amortisation_states=0, priority_exponent=0.0, importance_exponent=0.0)
-    for name, low in {**at_least, **at_least_zero}.items():
-        if getattr(args, name) < low:
-            fail(f"--{flag(name)} must be >= {low}, got {getattr(args, name)}")
-    for name in ("gamma", "epsilon"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            fail(f"--{flag(name)} must be in [0, 1], got {getattr(args, name)}")
-    if args.n_proposal + args.m_uniform < 1:
-        fail("--n-proposal + --m-uniform must be >= 1 (the arg-max needs a candidate), got 0")
-    if args.learning_rate <= 0:
-        fail(f"--learning-rate must be > 0, got {args.learning_rate}")
-    if args.prioritized_replay and args.priority_epsilon <= 0:
-        fail(f"--priority-epsilon must be > 0 with prioritised replay, got {args.priority_epsilon}")
-    if args.buffer_size < math.lcm(args.num_envs, args.train_frequency):
-        fail(f"--buffer-size must hold the {math.lcm(args.num_envs, args.train_frequency)} transitions written per "
-             f"update (lcm of --num-envs and --train-frequency), got {args.buffer_size}")
-    if args.gamma == 1.0:
-        print(f"warning: --gamma 1 does not discount: on {args.env_id}, Q grows without bound unless every episode "
-              "ends in a terminal state (a time limit is not one)", file=sys.stderr)
-    if args.load_model is not None and not os.path.isfile(args.load_model):
-        fail(f"--load-model: no such file: {args.load_model}")
-
-
-def flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def fail(message: str) -> None:
-    raise SystemExit(f"error: {message}")
-
-
-SCRIPT = os.path.basename(__file__)
-# What a saved model's shapes and meaning depend on, besides the script.
-MODEL_SETTINGS = ("env_id", "num_bins", "proposal_hidden")
-RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_frequency", "resume", "xla_cache", "track", "wandb_project_name",
-                     "wandb_entity", "capture_video", "save_model", "eval_frequency", "eval_episodes", "log_frequency")
-
-
-def dmc_gym_id(env_id: str) -> Optional[str]:
-    """`walker-walk` -> `dm_control/walker-walk-v0` when it names a suite task, else None."""
-    from dm_control import suite
-
-    return f"dm_control/{env_id}-v0" if tuple(env_id.split("-", 1)) in suite.ALL_TASKS else None
-
-
-def make_env(env_id: str, seed: int, render: bool = False) -> gym.Env:
-    """A Gymnasium env with float32 flat observations; Box actions rescaled to [-1, 1]."""
-    gym_id = dmc_gym_id(env_id) or env_id
-    if gym_id not in gym.registry:
-        from dm_control import suite
-
-        dmc = ", ".join(f"{d}-{t}" for d, t in suite.ALL_TASKS)
-        fail(f"unknown --env-id {env_id!r}; DeepMind Control ids: {dmc}; or any Gymnasium id with Box or "
-             "Discrete actions")
-    try:  # a registered id can still fail to build: a missing extra (Box2D), an id moved to another package
-        env = gym.make(gym_id, render_mode="rgb_array" if render else None)
-    except Exception as error:
-        reason = (str(error).strip().splitlines() or [""])[0]
-        fail(f"--env-id {env_id!r} is registered but cannot be made: {type(error).__name__}: {reason}")
-    box = isinstance(env.action_space, gym.spaces.Box) and len(env.action_space.shape) == 1
-    if not box and not isinstance(env.action_space, gym.spaces.Discrete):
-        fail(f"--env-id {env_id!r} has {env.action_space} actions; {SCRIPT} needs a one-dimensional Box or a Discrete")
-    observations = env.observation_space
-    try:
-        env = gym.wrappers.FlattenObservation(env)
-        flat = isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
-    except Exception:
-        flat = False
-    if not flat:
-        fail(f"--env-id {env_id!r} has {observations} observations, which do not flatten to a vector")
-    env = gym.wrappers.DtypeObservation(env, np.float32)
-    if isinstance(env.action_space, gym.spaces.Box):
-        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the bins below are evenly spaced on [-1, 1]
-    env = gym.wrappers.RecordEpisodeStatistics(env)
-    env.action_space.seed(seed)
-    return env
-
-
-def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
-    """make_env(env_id, seed + i) for i < num_envs, in this process for one, one process each for more. Same-step
-    autoreset: an episode's last observation comes in infos["final_obs"], the next one's first in its place."""
-    fns = [functools.partial(make_worker_env if num_envs > 1 else make_env, env_id, seed + i) for i in range(num_envs)]
-    # Workers are forked before this process has started JAX (main builds them first), so no JAX thread is
-    # copied into them; they only ever step their environment.
-    vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
-    return vector(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-
-
-def make_worker_env(env_id: str, seed: int) -> gym.Env:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the trainer decides
-    return make_env(env_id, seed)
-
-
-def sub_action_space(env: gym.Env, num_bins: int) -> tuple:
-    """(D, bins): a Box is D dimensions of `num_bins` bins each; a Discrete(n) is one dimension of n."""
-    discrete = isinstance(env.action_space, gym.spaces.Discrete)
-    return (1, int(env.action_space.n)) if discrete else (env.action_space.shape[0], num_bins)
-
-
-def proposal_bytes(action_dim: int, num_bins: int, hidden: int, states: int, samples: int) -> int:
-    """Memory the proposal takes in an update, in bytes (a Python int, no overflow), counted from its shapes: its
-    per-(dimension, bin) weights five times over (online, target, gradient, Adam's two moments) and the
-    [states, samples, bins] arrays of one sub-action's draw in the target search (logits, log-softmax,
-    probabilities and their cumulative sum)."""
-    return 4 * (5 * action_dim * num_bins * (2 * hidden + 1) + 4 * states * max(samples, 1) * num_bins)
-
-
-def bytes_text(n: int) -> str:
-    """1536 -> '1.5 KiB'."""
-    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB")
-    power = min(max(n.bit_length() - 1, 0) // 10, len(units) - 1)
-    return f"{n / 1024 ** power:,.1f}".removesuffix(".0") + f" {units[power]}"
-
-
-def available_memory() -> tuple:
-    """(bytes, a phrase saying where) the run can use: the accelerator's limit when JAX's default backend is one,
-    else what the kernel counts as available to a new process (MemAvailable), else the physical memory."""
-    device = jax.devices()[0]
-    limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
-    if limit:
-        return int(limit), f"the {device.device_kind} has {bytes_text(int(limit))}"
-    try:
-        with open("/proc/meminfo") as f:
-            available = 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-        return available, f"this machine has {bytes_text(available)} available"
-    except (OSError, StopIteration, ValueError):
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return physical, f"this machine has {bytes_text(physical)}"
-
-
-def check_proposal(args: Args, action_dim: int, num_bins: int) -> None:
-    """Refuse, before anything is allocated, a proposal whose bins do not fit in memory (one line, not an
-    out-of-memory traceback from deep inside the first update)."""
-    need = proposal_bytes(action_dim, num_bins, args.proposal_hidden, args.batch_size, args.n_proposal)
-    have, where = available_memory()
-    if need > have:
-        fail(f"{action_dim} sub-action(s) x {num_bins:,} bins: the proposal would need about {bytes_text(need)} of "
-             f"memory in an update ({where}); use fewer bins (--num-bins) or a smaller --batch-size")
-
-
-def env_action(space: gym.Space, index: np.ndarray, num_bins: int) -> np.ndarray:
-    """Bin indices [..., D] -> what step takes for one environment's action `space`: the bins' values in [-1, 1]
-    [..., D], or the Discrete actions [...] (a vector env's [N, D] indices -> [N, D] values, or [N] actions)."""
-    if isinstance(space, gym.spaces.Discrete):
-        return space.start + index[..., 0]
-    return np.linspace(-1.0, 1.0, num_bins, dtype=np.float32)[index]
-
-
-# === replay buffer: begin (identical in every agent script) ===
-class ReplayBuffer(NamedTuple):
-    """Device-resident replay memory, a pytree that jitted code reads and writes.
-
-    `storage` is the transition pytree with a leading capacity axis. `tree` is a sum-tree of sampling
-    weights (priority ** alpha) laid out heap-style: slot 1 is the root (the total), slot i has children
-    2i and 2i + 1, and leaf j sits in slot `leaves + j`. Parents are always recomputed from their
-    children, so float32 rounding never accumulates however long the run.
-    """
-
-    storage: Any
-    tree: jax.Array
-    max_weight: jax.Array  # the weight new transitions get: the largest seen, so each is replayed soon
-    cursor: jax.Array
-    size: jax.Array
-
-
-def buffer_init(example_transition: Any, capacity: int) -> ReplayBuffer:
-    leaves = 1 << max(capacity - 1, 1).bit_length()
-    storage = jax.tree.map(lambda x: jnp.zeros((capacity, *jnp.shape(x)), jnp.asarray(x).dtype), example_transition)
-    return ReplayBuffer(storage, jnp.zeros(2 * leaves, jnp.float32), jnp.ones((), jnp.float32),
-                        cursor=jnp.zeros((), jnp.int32), size=jnp.zeros((), jnp.int32))
-
-
-def _tree_set(tree: jax.Array, index: jax.Array, weight: jax.Array) -> jax.Array:
-    leaves = tree.shape[0] // 2
-    node = index + leaves
-    tree = tree.at[node].set(weight)
-    for _ in range(leaves.bit_length() - 1):
-        node = node // 2
-        tree = tree.at[node].set(tree[2 * node] + tree[2 * node + 1])
-    return tree
-
-
-def buffer_add(buffer: ReplayBuffer, transitions: Any) -> ReplayBuffer:
-    """Write a chunk of transitions (leading axis n) at the cursor, overwriting the oldest when full."""
-    capacity = jax.tree.leaves(buffer.storage)[0].shape[0]
-    n = jax.tree.leaves(transitions)[0].shape[0]
-    index = (buffer.cursor + jnp.arange(n)) % capacity
-    storage = jax.tree.map(lambda s, x: s.at[index].set(x), buffer.storage, transitions)
-    tree = _tree_set(buffer.tree, index, jnp.full(n, buffer.max_weight))
-    return buffer._replace(storage=storage, tree=tree, cursor=(buffer.cursor + n) % capacity,
-                           size=jnp.minimum(buffer.size + n, capacity))
-
-
-def buffer_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int, prioritized: bool, beta: float,
-                  stratified: bool = True):
-    """Returns (indices, transitions, importance weights normalised to max 1 within the batch).
-
-    Proportional sampling is stratified by default: one draw from each of `batch_size` equal slices of the
-    total, which spreads a batch over the buffer; stratified=False draws each point from the whole total
-    (Stable-Baselines, as the QMLE release does).
-    """
-    if not prioritized:
-        index = jax.random.randint(key, (batch_size,), 0, buffer.size)
-        return index, jax.tree.map(lambda s: s[index], buffer.storage), jnp.ones(batch_size, jnp.float32)
-    leaves = buffer.tree.shape[0] // 2
-    total = buffer.tree[1]
-    uniform = jax.random.uniform(key, (batch_size,))
-    target = (jnp.arange(batch_size) + uniform) * (total / batch_size) if stratified else uniform * total
-    node = jnp.ones(batch_size, jnp.int32)
-    for _ in range(leaves.bit_length() - 1):
-        left = buffer.tree[2 * node]
-        go_right = target >= left
-        target = jnp.where(go_right, target - left, target)
-        node = 2 * node + go_right
-    index = jnp.minimum(node - leaves, buffer.size - 1)  # float rounding can step past the last leaf
-    probability = buffer.tree[index + leaves] / total
-    weights = (buffer.size * probability) ** -beta
-    return index, jax.tree.map(lambda s: s[index], buffer.storage), weights / weights.max()
-
-
-def buffer_update(buffer: ReplayBuffer, index: jax.Array, priority: Optional[jax.Array] = None,
-                  alpha: float = 1.0, **fields: jax.Array) -> ReplayBuffer:
-    """Write back new priorities (raised to alpha here) and/or new values of stored fields at `index`."""
-    storage = dict(buffer.storage, **{k: buffer.storage[k].at[index].set(v) for k, v in fields.items()})
-    if priority is None:
-        return buffer._replace(storage=storage)
-    weight = priority.astype(jnp.float32) ** alpha
-    return buffer._replace(storage=storage, tree=_tree_set(buffer.tree, index, weight),
-                           max_weight=jnp.maximum(buffer.max_weight, weight.max()))
-# === replay buffer: end ===
-
-
-def elu(x):
-    """ELU through exp, not expm1: equal to float32 precision and twice as fast on XLA's CPU backend."""
+# ---- the algorithm: network, proposal, search, update ----
+def elu(x):  # through exp, not expm1: equal in float32 and twice as fast on XLA's CPU backend
     return jnp.where(x > 0, x, jnp.exp(jnp.minimum(x, 0.0)) - 1.0)
 
 
-# PyTorch nn.Linear's default weight scale, U(+-1/sqrt(fan_in)), as in the authors' release; Flax's default (LeCun
-# normal, sqrt(3) times larger) learned walker-walk slower here. Biases start at zero. The split joint layer's two
-# halves draw at their own fan-in (128 each), not at the 256 of the release's single layer: that is what was measured.
+# PyTorch's nn.Linear weight scale, U(+-1/sqrt(fan_in)), as in the authors' QMLE release (Flax's LeCun normal learned
+# walker-walk slower); biases start at zero, each half of the split joint layer at its own fan-in.
 Dense = functools.partial(nn.Dense, kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
 
 
-class ResidualBlock(nn.Module):
-    """x + W2 relu(W1 x): a residual block of two dense layers, width preserved, in the authors' release's
-    form (the LayerNorm after it normalises the sum). Its input is used as it is, negative half included; a
-    ReLU in front of W1 (the pre-activation form) learned walker-walk markedly slower here."""
-
+class ResidualBlock(nn.Module):  # x + W2 relu(W1 x), the release's form (a pre-activation ReLU learned slower)
     features: int
 
     @nn.compact
     def __call__(self, x):
-        h = Dense(self.features)(x)
+        h = Dense(self.features)(x)  # Dense_0, made before Dense_1: the names hold the parameters
         return x + Dense(self.features)(nn.relu(h))
 
 
@@ -409,14 +110,9 @@ EMBEDDING = 128  # width of the observation stream that Q and the proposal share
 
 
 class AutoregressiveProposal(nn.Module):
-    """mu(a | s) = prod_d softmax(logits_d(e(s), a_<d)) over the bins of sub-action d.
-
-    logits_d is an MLP with one hidden layer on [e(s), one-hot(a_1 .. a_{d-1}) (zeros for dims >= d),
-    one-hot(d)] whose output layer is indexed by d. The first layer is linear in the one-hots, so its
-    pre-activation is a per-state part plus one kernel row per sub-action already chosen: sampling adds one
-    row after each choice (O(hidden) per step instead of a matmul over D x bins inputs), and teacher forcing
-    sums the target's rows over exclusive prefixes to get all D conditionals in one pass.
-    """
+    """mu(a | s) = prod_d softmax(logits_d), an MLP of one hidden layer on [e(s), one-hot(a_<d), one-hot(d)]. Its first
+    layer is linear in the one-hots: sampling adds one kernel row per chosen sub-action, and teacher forcing sums
+    the rows over exclusive prefixes to get all D conditionals in one pass."""
 
     action_dim: int
     num_bins: int
@@ -428,14 +124,11 @@ class AutoregressiveProposal(nn.Module):
         self.state_in = nn.Dense(hidden, kernel_init=init)
         self.chosen_in = self.param("chosen_in", init, (dim, bins, hidden))  # first-layer rows of one-hot(a_<d)
         self.dim_in = self.param("dim_in", init, (dim, hidden))  # first-layer rows of one-hot(d)
-        # A zero output layer makes the first proposal uniform: AQL starts as UniformQL and leaves it only as
-        # far as the arg-max targets pull.
+        # A zero output layer: the first proposal is uniform, so AQL starts as UniformQL and leaves it as targets pull.
         self.out_kernel = self.param("out_kernel", nn.initializers.zeros, (dim, hidden, bins))
         self.out_bias = self.param("out_bias", nn.initializers.zeros, (dim, bins))
 
-    def sample(self, embedding, key, n: int):
-        """n actions per state, one sub-action at a time for all of them: [B, E] -> ([B, n, D] bin indices,
-        their log-probabilities [B, n])."""
+    def sample(self, embedding, key, n: int):  # [B, E] -> n actions per state [B, n, D], their log-probabilities [B, n]
         base = self.state_in(embedding)
         pre = jnp.broadcast_to(base[:, None, :], (base.shape[0], n, self.hidden))
         uniforms = jax.random.uniform(key, (self.action_dim, base.shape[0], n, 1))
@@ -443,18 +136,18 @@ class AutoregressiveProposal(nn.Module):
         def step(pre, xs):
             dim_row, chosen_rows, kernel, bias, u = xs
             log_p = jax.nn.log_softmax(nn.relu(pre + dim_row) @ kernel + bias)  # [B, n, bins]
-            # Inverse CDF: one uniform per sub-action, the same distribution as Gumbel-max for 1/bins the bits.
+            # Inverse CDF: one uniform per sub-action, Gumbel-max's distribution for 1/bins of its random bits.
             choice = (u > jnp.cumsum(jnp.exp(log_p), -1)[..., :-1]).sum(-1)
             chosen_log_p = jnp.take_along_axis(log_p, choice[..., None], -1)[..., 0]
-            return pre + chosen_rows[choice], (choice, chosen_log_p)  # the choice now conditions what follows
+            return pre + chosen_rows[choice], (choice, chosen_log_p)  # the choice conditions what follows
 
-        _, (choices, log_ps) = jax.lax.scan(
-            step, pre, (self.dim_in, self.chosen_in, self.out_kernel, self.out_bias, uniforms))
+        xs = (self.dim_in, self.chosen_in, self.out_kernel, self.out_bias, uniforms)
+        _, (choices, log_ps) = jax.lax.scan(step, pre, xs)
         return jnp.moveaxis(choices, 0, -1).astype(jnp.int32), log_ps.sum(0)
 
     def log_prob(self, embedding, actions):
-        """Teacher forcing: [B, E], [B, k, D] -> (log mu(a | s) [B, k], the conditionals' entropies along a's
-        prefix, summed over d [B, k])."""
+        """Teacher forcing: [B, E], [B, k, D] -> log mu(a | s) [B, k], and the entropies of the conditionals along a's
+        prefix, summed over d [B, k] (the joint's has no closed form; exact for D = 1 and independent sub-actions)."""
         rows = self.chosen_in[jnp.arange(self.action_dim), actions]  # [B, k, D, hidden]
         before = jnp.cumsum(rows, axis=-2)[..., :-1, :]  # row d: the sub-actions chosen before d
         before = jnp.concatenate([jnp.zeros_like(rows[..., :1, :]), before], axis=-2)
@@ -466,15 +159,9 @@ class AutoregressiveProposal(nn.Module):
 
 
 class AQLNetwork(nn.Module):
-    """An action-in Q network (QMLE paper, Appendix B.1) and the proposal, sharing the observation stream.
-
-    Q(s, a) = head(LN-ELU(joint_block(concat(obs_stream(s), action_stream(a))))). The action enters as its
-    bins' values in [-1, 1], not as learned per-(dim, bin) embeddings: neighbouring bins of a torque act alike
-    and the value input shares that between them, and the net stays qmle_dmc.py's, so the agents differ in
-    the maximiser only. The stream is computed once per state, and the joint block's first layer is split
-    into observation and action halves (the same linear map), so the former is a per-state product. The
-    proposal reads the stream through a stop_gradient (as QMLE's predictors): only the TD loss shapes it.
-    """
+    """qmle_dmc.py's action-in Q network (QMLE paper, Appendix B.1), the action entering as its bins' values in [-1, 1],
+    and the proposal, which reads the observation stream through a stop_gradient: only the TD loss shapes it. The
+    stream and the observation half of the split joint layer are computed once per state."""
 
     action_dim: int
     num_bins: int
@@ -487,7 +174,7 @@ class AQLNetwork(nn.Module):
         self.joint_out, self.joint_norm, self.q_head = Dense(256), nn.LayerNorm(), Dense(1)
         self.proposal = AutoregressiveProposal(self.action_dim, self.num_bins, self.proposal_hidden)
 
-    def __call__(self, obs, actions):  # [B, obs_dim], [B, k, D]; used to create every parameter
+    def __call__(self, obs, actions):  # [B, obs_dim], [B, k, D]: creates every parameter
         embedding = self.observation_stream(obs)
         return self.q_values(embedding, actions), self.proposal_log_prob(embedding, actions)
 
@@ -496,8 +183,7 @@ class AQLNetwork(nn.Module):
 
     def q_values(self, embedding, actions):  # [..., 128], [..., M, D] bin indices -> [..., M]
         a = elu(self.act_norm(self.act_embed(jnp.linspace(-1.0, 1.0, self.num_bins)[actions])))
-        h = self.joint_in_obs(embedding)[..., None, :] + self.joint_in_act(a)
-        h = self.joint_out(nn.relu(h))
+        h = self.joint_out(nn.relu(self.joint_in_obs(embedding)[..., None, :] + self.joint_in_act(a)))
         x = jnp.concatenate([jnp.broadcast_to(embedding[..., None, :], a.shape), a], axis=-1)
         return self.q_head(elu(self.joint_norm(x + h)))[..., 0]
 
@@ -508,13 +194,12 @@ class AQLNetwork(nn.Module):
         return self.proposal.log_prob(jax.lax.stop_gradient(embedding), actions)
 
 
-def uniform_actions(key, shape: tuple, num_bins: int) -> jax.Array:
-    """Uniform bin indices, by scaling one uniform each (the distribution of randint, fewer random bits)."""
+def uniform_actions(key, shape: tuple, num_bins: int) -> jax.Array:  # randint's distribution, one uniform each
     return jnp.minimum(num_bins * jax.random.uniform(key, shape), num_bins - 1).astype(jnp.int32)
 
 
 def sample_candidates(model: AQLNetwork, params, embedding, key, n_proposal: int, m_uniform: int):
-    """The search set of each state, N proposal samples first, then M uniform: [B, 128] -> [B, N + M, D]."""
+    """Each state's search set, N proposal samples first, then M uniform: [B, 128] -> [B, N + M, D]."""
     k_proposal, k_uniform = jax.random.split(key)
     uniform = uniform_actions(k_uniform, (embedding.shape[0], m_uniform, model.action_dim), model.num_bins)
     if n_proposal == 0:  # UniformQL: the proposal is never sampled (nor trained)
@@ -524,30 +209,23 @@ def sample_candidates(model: AQLNetwork, params, embedding, key, n_proposal: int
 
 
 def q_over_candidates(model: AQLNetwork, params, embedding, candidates, states_per_chunk: int = 8):
-    """Q of every candidate of every state: [B, 128], [B, M, D] -> [B, M]. A few states at a time (8 x 500
-    candidates at the defaults): 25% faster on a CPU than one pass or 32-state chunks, and with more than one
-    chunk XLA does not inline the loop, which costs seconds of compilation.
-
-    When the whole action space has no more actions than a state has candidates (CartPole's 2, or 1-D
-    cartpole-swingup's 11 bins against 500 samples), Q is evaluated once per distinct action and gathered:
-    the same values and arg-max, at a fraction of the cost, since most samples are repeats."""
-    batch = embedding.shape[0]
-    space = (model.num_bins,) * model.action_dim
+    """Q of every candidate of every state, [B, 128], [B, M, D] -> [B, M], 8 states at a time (fastest on a CPU). Where
+    the whole action space is no larger than a state's candidates (CartPole, 1-D cartpole-swingup), Q of each action
+    once, gathered: the same values at a fraction of the cost."""
+    batch, space = embedding.shape[0], (model.num_bins,) * model.action_dim
     if math.prod(space) <= candidates.shape[1]:  # Python ints: 11^38 overflows int64
         every_action = jnp.stack(jnp.unravel_index(jnp.arange(math.prod(space)), space), -1)  # [|A|, D]
-        q_table = model.apply(params, embedding, jnp.broadcast_to(every_action, (batch, *every_action.shape)),
-                              method=AQLNetwork.q_values)
+        every_action = jnp.broadcast_to(every_action, (batch, *every_action.shape))
+        q_table = model.apply(params, embedding, every_action, method=AQLNetwork.q_values)
         flat = jnp.ravel_multi_index(tuple(jnp.moveaxis(candidates, -1, 0)), space, mode="clip")
         return jnp.take_along_axis(q_table, flat, axis=1)
     chunk = np.gcd(batch, states_per_chunk)
-    split = lambda x: x.reshape(batch // chunk, chunk, *x.shape[1:])  # noqa: E731
-    q = jax.lax.map(lambda xs: model.apply(params, *xs, method=AQLNetwork.q_values),
-                    (split(embedding), split(candidates)))
-    return q.reshape(batch, -1)
+    chunks = [x.reshape(batch // chunk, chunk, *x.shape[1:]) for x in (embedding, candidates)]
+    return jax.lax.map(lambda xs: model.apply(params, *xs, method=AQLNetwork.q_values), chunks).reshape(batch, -1)
 
 
 def search_argmax(model: AQLNetwork, params, obs, key, n_proposal: int, m_uniform: int):
-    """Approximate arg-max over the sampled set: [B, obs_dim] -> (action [B, D], its Q [B], its index [B])."""
+    """The arg-max over the sampled set: [B, obs_dim] -> (action [B, D], its Q [B], its index [B])."""
     embedding = model.apply(params, obs, method=AQLNetwork.observation_stream)
     candidates = sample_candidates(model, params, embedding, key, n_proposal, m_uniform)
     q = q_over_candidates(model, params, embedding, candidates)
@@ -556,570 +234,575 @@ def search_argmax(model: AQLNetwork, params, obs, key, n_proposal: int, m_unifor
 
 
 def amortisation_gap(model: AQLNetwork, params, obs, key, n_proposal: int, m_uniform: int):
-    """Per state: max Q over (N proposal + M uniform) minus max Q over N + M uniform samples: what the
-    proposal adds over spending its samples on uniform search. [B, obs_dim] -> [B]."""
+    """Per state, max Q over N proposal + M uniform samples minus max Q over N + M uniform ones: what the proposal adds
+    over spending its samples on uniform search. [B, obs_dim] -> [B]."""
     k_amortised, k_uniform = jax.random.split(key)
     _, amortised, _ = search_argmax(model, params, obs, k_amortised, n_proposal, m_uniform)
     return amortised - search_argmax(model, params, obs, k_uniform, 0, n_proposal + m_uniform)[1]
 
 
-class AQLState(TrainState):  # apply_fn unused (None): the model is passed to each jitted function instead
+@functools.partial(jax.jit, static_argnames=("model", "n_proposal", "m_uniform"), donate_argnames=("greedy",))
+def act(model: AQLNetwork, params, obs, key, greedy, epsilon, n_proposal: int, m_uniform: int):
+    """The search's arg-max, or with probability epsilon a uniform action (bin indices), for N states: the loop's one
+    device call per step. Also the next keys, and greedy [2] += [greedy actions, of them a proposal sample's]."""
+    key, k_act, k_update = jax.random.split(key, 3)
+    k_search, k_explore, k_random = jax.random.split(k_act, 3)
+    action, _, best = search_argmax(model, params, obs, k_search, n_proposal, m_uniform)
+    explore = jax.random.uniform(k_explore, best.shape) < epsilon
+    actions = jnp.where(explore[:, None], uniform_actions(k_random, action.shape, model.num_bins), action)
+    counts = jnp.stack([jnp.sum(~explore), jnp.sum(~explore & (best < n_proposal))])
+    return actions, key, k_update, greedy + counts
+
+
+UpdateConfig = collections.namedtuple(
+    "UpdateConfig",
+    """updates amortisation_states gamma batch_size n_proposal m_uniform entropy_coef prioritized_replay
+    priority_exponent importance_exponent priority_epsilon""",
+)  # the update's settings: one static argument
+
+
+class AQLState(TrainState):  # apply_fn unused (None): the model is passed to each jitted function
     target_params: Any
 
 
 @functools.cache
-def adam(learning_rate: float) -> optax.GradientTransformation:
-    """One optimizer object per learning rate. It sits in the train state's static part, so a second main() in one
-    process (the tests run many) finds the update already compiled instead of compiling it again."""
+def adam(learning_rate: float):  # one optimizer per rate, so that a second run in one process compiles nothing
     return optax.adam(learning_rate)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_proposal", "m_uniform"))
-def select_action(model: AQLNetwork, params, obs, key, epsilon, n_proposal: int, m_uniform: int):
-    """The arg-max over N proposal + M uniform samples per state, or with prob. epsilon a uniform action: obs
-    [B, O] -> (bin indices [B, D], index of each winning candidate (< N: a proposal sample), or -1 where random)."""
-    k_search, k_explore, k_random = jax.random.split(key, 3)
-    action, _, best = search_argmax(model, params, obs, k_search, n_proposal, m_uniform)
-    random_action = uniform_actions(k_random, action.shape, model.num_bins)
-    explore = jax.random.uniform(k_explore, best.shape) < epsilon
-    return jnp.where(explore[:, None], random_action, action), jnp.where(explore, -1, best)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "n_proposal", "m_uniform"), donate_argnames=("greedy",))
-def act(model: AQLNetwork, params, obs, key, greedy, epsilon, n_proposal: int, m_uniform: int):
-    """The training loop's one device call per step: the actions for all N environments, the next loop key and
-    the update's key, and the greedy actions counted on the device (read at log steps only): greedy [2] = [greedy
-    actions, of them a proposal sample's]."""
-    key, k_act, k_update = jax.random.split(key, 3)
-    actions, best = select_action(model, params, obs, k_act, epsilon, n_proposal, m_uniform)
-    counts = jnp.stack([jnp.sum(best >= 0), jnp.sum((best >= 0) & (best < n_proposal))])
-    return actions, key, k_update, greedy + counts
-
-
-def gradient_step(model: AQLNetwork, state: AQLState, buffer: ReplayBuffer, key, *, gamma: float, batch_size: int,
-                  n_proposal: int, m_uniform: int, entropy_coef: float, prioritized: bool, alpha: float, beta: float,
-                  priority_epsilon: float, amortisation_states: int = 0):
-    """One replay step: sample, search the arg-max at each s' with the target networks, write priorities back,
-    take one Adam step on the TD loss and the proposal's maximum-likelihood loss, and measure the amortisation
-    gap on `amortisation_states` replayed states.
-    """
+def gradient_step(model: AQLNetwork, state: AQLState, buffer, key, cfg: UpdateConfig):
+    """One replay step: the target networks' search at each s' gives the TD target and the proposal's label; one Adam
+    step on the importance-weighted TD loss plus the proposal's negative log-likelihood minus its entropy bonus. The
+    amortisation gap is measured on cfg.amortisation_states replayed states, spread over the batch."""
     k_sample, k_target, k_gap = jax.random.split(key, 3)
-    index, batch, weights = buffer_sample(buffer, k_sample, batch_size, prioritized, beta)
-    # The target's search uses the target proposal and the target Q, so the target is a function of the target
-    # parameters alone and stays put between copies (like a DQN target); its arg-max doubles as the
-    # proposal's training label at s', which saves a second search of N + M candidates per state.
-    next_argmax, next_q, best = search_argmax(model, state.target_params, batch["next_obs"], k_target,
-                                              n_proposal, m_uniform)
-    td_target = batch["reward"] + gamma * (1.0 - batch["terminated"]) * next_q
+    index, batch, weights = buffer_sample(
+        buffer, k_sample, cfg.batch_size, cfg.prioritized_replay, cfg.importance_exponent
+    )
+    # Target Q and target proposal: the target stays put between copies, like a DQN target.
+    next_argmax, next_q, best = search_argmax(
+        model, state.target_params, batch["next_obs"], k_target, cfg.n_proposal, cfg.m_uniform
+    )
+    td_target = batch["reward"] + cfg.gamma * (1.0 - batch["terminated"]) * next_q
 
     def loss_fn(params):
         embedding = model.apply(params, batch["obs"], method=AQLNetwork.observation_stream)
         q = model.apply(params, embedding, batch["action"][:, None], method=AQLNetwork.q_values)[:, 0]
         td_error = td_target - q
         td_loss = jnp.mean(weights * td_error**2)
-        if n_proposal == 0:  # UniformQL
+        if cfg.n_proposal == 0:  # UniformQL
             return td_loss, (td_loss, jnp.nan, jnp.nan, td_error, q)
         embedding = model.apply(params, batch["next_obs"], method=AQLNetwork.observation_stream)
         log_prob, entropy = model.apply(params, embedding, next_argmax[:, None], method=AQLNetwork.proposal_log_prob)
-        # The joint entropy of an autoregressive model has no closed form; the conditionals' entropies along
-        # the target's prefix are a cheap stand-in, exact for D = 1 and for independent sub-actions.
         nll, entropy = -log_prob.mean(), entropy.mean()
-        return td_loss + nll - entropy_coef * entropy, (td_loss, nll, entropy, td_error, q)
+        return td_loss + nll - cfg.entropy_coef * entropy, (td_loss, nll, entropy, td_error, q)
 
     grads, (td_loss, nll, entropy, td_error, q) = jax.grad(loss_fn, has_aux=True)(state.params)
-    buffer = buffer_update(buffer, index, jnp.abs(td_error) + priority_epsilon if prioritized else None, alpha)
-    metrics = {"losses/td_loss": td_loss, "losses/q_values": q.mean(),  # proposals come first, so win ties
-               "charts/argmax_from_proposal": jnp.mean(best < n_proposal)}
-    if n_proposal > 0:
+    priority = jnp.abs(td_error) + cfg.priority_epsilon if cfg.prioritized_replay else None
+    buffer = buffer_update(buffer, index, priority, cfg.priority_exponent)
+    from_proposal = jnp.mean(best < cfg.n_proposal)  # proposal samples come first: they win ties
+    metrics = {"losses/td_loss": td_loss, "losses/q_values": q.mean(), "charts/argmax_from_proposal": from_proposal}
+    if cfg.n_proposal > 0:
         metrics.update({"losses/proposal_nll": nll, "losses/entropy": entropy})
-    if amortisation_states > 0:  # online Q and proposal, on replayed states spread over the whole batch
-        states = batch["obs"][:: max(batch_size // amortisation_states, 1)][:amortisation_states]
-        gap = amortisation_gap(model, state.params, states, k_gap, n_proposal, m_uniform)
+    if cfg.amortisation_states > 0:  # online Q and proposal
+        states = batch["obs"][:: max(cfg.batch_size // cfg.amortisation_states, 1)][: cfg.amortisation_states]
+        gap = amortisation_gap(model, state.params, states, k_gap, cfg.n_proposal, cfg.m_uniform)
         metrics.update({"charts/amortisation_gap": gap.mean(), "charts/amortisation_win_fraction": jnp.mean(gap > 0)})
     return state.apply_gradients(grads=grads), buffer, metrics
 
 
-@functools.partial(jax.jit, donate_argnames=("buffer",), static_argnames=(
-    "model", "updates", "batch_size", "n_proposal", "m_uniform", "entropy_coef", "prioritized", "alpha", "beta",
-    "priority_epsilon", "amortisation_states"))
-def update(model: AQLNetwork, state: AQLState, buffer: ReplayBuffer, new_transitions, key, *, updates: int = 1,
-           amortisation_states: int = 0, **settings):
-    """One device call per replay period: store the transitions gathered since the last call, then take
-    `updates` gradient steps (one per --train-frequency environment steps they span); the last one measures the
-    amortisation gap when asked to."""
+@functools.partial(jax.jit, static_argnames=("model", "cfg"), donate_argnames=("buffer",))
+def update(model: AQLNetwork, state: AQLState, buffer, new_transitions, key, cfg: UpdateConfig):
+    """The loop's device call per replay period: store the transitions gathered since the last one, then take
+    cfg.updates gradient steps (none before --learning-starts), the last one measuring the gap where asked to."""
     buffer = buffer_add(buffer, new_transitions)
-    if updates == 1:  # the key itself: one environment reproduces the single-environment runs exactly
-        return gradient_step(model, state, buffer, key, amortisation_states=amortisation_states, **settings)
-    step = lambda carry, k: (lambda s, b, m: ((s, b), m))(*gradient_step(model, *carry, k, **settings))  # noqa: E731
-    keys = jax.random.split(key, updates)
-    (state, buffer), metrics = jax.lax.scan(step, (state, buffer), keys[:-1] if amortisation_states else keys)
-    if amortisation_states:  # the gap costs two more searches per state: measured once, by the call's last step
-        return gradient_step(model, state, buffer, keys[-1], amortisation_states=amortisation_states, **settings)
+    if cfg.updates <= 1:  # one step takes the key itself: one environment reproduces its single-environment run
+        return gradient_step(model, state, buffer, key, cfg) if cfg.updates else (state, buffer, {})
+    plain, keys = cfg._replace(amortisation_states=0), jax.random.split(key, cfg.updates)
+    step = lambda carry, k: (lambda s, b, m: ((s, b), m))(*gradient_step(model, *carry, k, plain))  # noqa: E731
+    (state, buffer), metrics = jax.lax.scan(step, (state, buffer), keys[:-1] if cfg.amortisation_states else keys)
+    if cfg.amortisation_states:  # the gap costs two more searches per state: measured by the call's last step only
+        return gradient_step(model, state, buffer, keys[-1], cfg)
     return state, buffer, jax.tree.map(lambda m: m[-1], metrics)
 
 
-def evaluate(model, params, env_id: str, seed: int, episodes: int, n_proposal: int, m_uniform: int,
-             video_dir: Optional[str] = None) -> list:
-    """Greedy returns (epsilon 0) of `episodes` episodes on a fresh environment reset with seed, seed + 1, ...
-    Training evaluates with --seed + 10000, and so does --load-model, so the two agree."""
-    env = make_env(env_id, seed, render=video_dir is not None)
-    if video_dir is not None:
-        env = record_video(env, video_dir)
+def evaluate(policy, params, args, label: str, num_bins: int, video_dir: Optional[str] = None) -> float:
+    """Mean greedy return (epsilon 0) over --eval-episodes episodes of a fresh environment reset with seeds --seed +
+    10000, + 10001, ..., printed after `label` (--load-model thus scores a model as its run did)."""
+    seed, env = args.seed + 10_000, make_env(args.env_id, args.seed + 10_000, video_dir)
     key, greedy, returns = jax.random.PRNGKey(seed), jnp.zeros(2), []
-    for episode in range(episodes):
+    for episode in range(args.eval_episodes):
         obs, _ = env.reset(seed=seed + episode)
         done = False
         while not done:
-            action, key, _, greedy = act(model, params, obs[None], key, greedy, 0.0, n_proposal, m_uniform)
-            obs, _, terminated, truncated, info = env.step(env_action(env.action_space, np.asarray(action[0]),
-                                                                      model.num_bins))
+            action, key, _, greedy = policy(params, obs[None], key, greedy, 0.0)
+            obs, _, terminated, truncated, info = env.step(
+                env_action(env.action_space, np.asarray(action[0]), num_bins)
+            )
             done = terminated or truncated
         returns.append(float(info["episode"]["r"]))
     env.close()
-    return returns
+    print(f"{label}  greedy evaluation return {np.mean(returns):.1f} over {len(returns)} episode(s)")
+    return float(np.mean(returns))
 
 
-def record_video(env: gym.Env, video_dir: str) -> gym.Env:
-    """Every episode to video_dir, played at the task's real speed: one frame per step of the task's clock."""
-    if hasattr(env.unwrapped, "_env"):  # Shimmy's DeepMind Control env declares no frame rate of its own
-        env.metadata["render_fps"] = round(1.0 / env.unwrapped._env.control_timestep())
-    elif isinstance(getattr(env.unwrapped, "dt", None), float):  # MuJoCo and some classic control (Pendulum: 0.05 s)
-        env.metadata["render_fps"] = round(1.0 / env.unwrapped.dt)  # their own render_fps is a display rate
-    return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
+# === replay buffer: begin (identical in every agent script) ===
+class ReplayBuffer(NamedTuple):
+    """Device-resident replay memory: `storage` is the transition pytree with a leading capacity axis, `tree` a
+    sum-tree of sampling weights (priority ** alpha) laid out heap-style: slot 1 holds the total, slot i's children
+    are 2i and 2i + 1, leaf j is slot `leaves + j`. Parents are recomputed from their children: no drift."""
+
+    storage: Any
+    tree: jax.Array
+    max_weight: jax.Array  # a new transition's weight: the largest seen, so that it is replayed soon
+    cursor: jax.Array
+    size: jax.Array
 
 
-def check_rendering(env_id: str) -> None:
-    """--capture-video renders at every evaluation: render one frame now, so that a machine without an offscreen
-    renderer (or without moviepy, which writes the files) is told at start-up, not after the first training stretch."""
+def buffer_init(example_transition: Any, capacity: int) -> ReplayBuffer:
+    leaves = 1 << max(capacity - 1, 1).bit_length()
+    storage = jax.tree.map(lambda x: jnp.zeros((capacity, *jnp.shape(x)), jnp.asarray(x).dtype), example_transition)
+    cursor, size = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: the update donates both
+    return ReplayBuffer(storage, jnp.zeros(2 * leaves, jnp.float32), jnp.ones((), jnp.float32), cursor, size)
+
+
+def _tree_set(tree: jax.Array, index: jax.Array, weight: jax.Array) -> jax.Array:
+    node = index + tree.shape[0] // 2
+    tree = tree.at[node].set(weight)
+    for _ in range((tree.shape[0] // 2).bit_length() - 1):
+        node = node // 2
+        tree = tree.at[node].set(tree[2 * node] + tree[2 * node + 1])
+    return tree
+
+
+def buffer_add(buffer: ReplayBuffer, transitions: Any) -> ReplayBuffer:
+    """Write transitions (leading axis n) at the cursor, over the oldest when full."""
+    capacity, n = (jax.tree.leaves(tree)[0].shape[0] for tree in (buffer.storage, transitions))
+    index = (buffer.cursor + jnp.arange(n)) % capacity
+    storage = jax.tree.map(lambda s, x: s.at[index].set(x), buffer.storage, transitions)
+    tree = _tree_set(buffer.tree, index, jnp.full(n, buffer.max_weight))
+    return ReplayBuffer(
+        storage, tree, buffer.max_weight, (buffer.cursor + n) % capacity, jnp.minimum(buffer.size + n, capacity)
+    )
+
+
+def buffer_sample(buffer: ReplayBuffer, key, batch_size: int, prioritized: bool, beta: float, stratified: bool = True):
+    """(indices, transitions, importance weights, max 1 in the batch): uniform, or proportional with one draw from each
+    of batch_size equal slices of the total (stratified) or each from the whole total (as Stable-Baselines)."""
+    if not prioritized:
+        index = jax.random.randint(key, (batch_size,), 0, buffer.size)
+        return index, jax.tree.map(lambda s: s[index], buffer.storage), jnp.ones(batch_size, jnp.float32)
+    leaves, total = buffer.tree.shape[0] // 2, buffer.tree[1]
+    uniform = jax.random.uniform(key, (batch_size,))
+    target = (jnp.arange(batch_size) + uniform) * (total / batch_size) if stratified else uniform * total
+    node = jnp.ones(batch_size, jnp.int32)
+    for _ in range(leaves.bit_length() - 1):
+        left = buffer.tree[2 * node]
+        target, node = jnp.where(target >= left, target - left, target), 2 * node + (target >= left)
+    index = jnp.minimum(node - leaves, buffer.size - 1)  # float rounding can step past the last leaf
+    weights = (buffer.size * (buffer.tree[index + leaves] / total)) ** -beta
+    return index, jax.tree.map(lambda s: s[index], buffer.storage), weights / weights.max()
+
+
+def buffer_update(buffer: ReplayBuffer, index, priority=None, alpha: float = 1.0, **fields) -> ReplayBuffer:
+    """Write back new priorities (raised to alpha here) and/or new values of stored fields at `index`."""
+    storage = dict(buffer.storage, **{k: buffer.storage[k].at[index].set(v) for k, v in fields.items()})
+    if priority is None:
+        return buffer._replace(storage=storage)
+    weight = priority.astype(jnp.float32) ** alpha
+    tree = _tree_set(buffer.tree, index, weight)
+    return buffer._replace(storage=storage, tree=tree, max_weight=jnp.maximum(buffer.max_weight, weight.max()))
+
+
+# === replay buffer: end ===
+
+
+# ---- environments and checks ----
+def make_env(env_id: str, seed: int, video_dir: Optional[str] = None) -> gym.Env:
+    """A DeepMind Control or Gymnasium task with flat float32 observations, and Box actions rescaled to [-1, 1]."""
+    env = checked_env(env_id, video_dir)
+    if isinstance(env.action_space, gym.spaces.Box) and len(env.action_space.shape) == 1:
+        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the bins are evenly spaced on [-1, 1]
+    elif not isinstance(env.action_space, gym.spaces.Discrete):
+        fail(f"--env-id {env_id!r} has {env.action_space} actions; {SCRIPT} needs a one-dimensional Box or a Discrete")
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    env.action_space.seed(seed)
+    return env
+
+
+def sub_action_space(env: gym.Env, num_bins: int) -> tuple:  # (D, bins): a Discrete(n) is one dimension of n bins
+    discrete = isinstance(env.action_space, gym.spaces.Discrete)
+    return (1, int(env.action_space.n)) if discrete else (env.action_space.shape[0], num_bins)
+
+
+def env_action(space: gym.Space, index: np.ndarray, num_bins: int) -> np.ndarray:
+    """Bin indices [..., D] -> what one environment's `space` takes: the bins' values [..., D], or Discrete actions."""
+    if isinstance(space, gym.spaces.Discrete):
+        return space.start + index[..., 0]
+    return np.linspace(-1.0, 1.0, num_bins, dtype=np.float32)[index]
+
+
+def proposal_bytes(action_dim: int, num_bins: int, args: Args) -> int:
+    """An update's proposal memory: its per-bin weights five times (online, target, gradient, Adam's two moments) and
+    one sub-action's [batch, N, bins] draw in the target search (logits, log-softmax, probabilities, CDF)."""
+    weights = 5 * action_dim * num_bins * (2 * args.proposal_hidden + 1)
+    return 4 * (weights + 4 * args.batch_size * max(args.n_proposal, 1) * num_bins)
+
+
+def check_args(args: Args) -> None:
+    nonnegative = "n_proposal m_uniform entropy_coef amortisation_states"
+    check_common(args, "target_network_frequency proposal_hidden", nonnegative, "")
+    if args.num_bins < 2:
+        fail(f"--num-bins must be >= 2, got {args.num_bins}")
+    if args.n_proposal + args.m_uniform < 1:
+        fail("--n-proposal + --m-uniform must be >= 1 (the arg-max needs a candidate), got 0")
+
+
+MODEL_SETTINGS = ("env_id", "num_bins", "proposal_hidden")  # what a saved model's shapes and meaning depend on
+
+
+# === run helpers: begin (identical in every agent script) ===
+SCRIPT = os.path.basename(__file__)
+RUN_SETTINGS = """total_timesteps checkpoint_frequency resume track wandb_project_name wandb_entity capture_video
+    save_model eval_frequency eval_episodes log_frequency""".split()  # what a resumed run may change
+
+
+def fail(message: str):
+    raise SystemExit(f"error: {message}")
+
+
+def check_common(args, positive: str, nonnegative: str, fractions: str) -> None:
+    """One `error:` line, before anything starts, for what tyro accepts but a run cannot use."""
+    positive += " total_timesteps batch_size train_frequency num_envs eval_episodes log_frequency learning_rate"
+    nonnegative += " learning_starts eval_frequency checkpoint_frequency priority_exponent importance_exponent"
+    for name, value in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if name in positive.split() and value <= 0 or name in nonnegative.split() and value < 0:
+            fail(f"{flag} must be {'> 0' if name in positive.split() else '>= 0'}, got {value}")
+        if name in ("gamma", "epsilon", *fractions.split()) and not 0 <= value <= 1:
+            fail(f"{flag} must be in [0, 1], got {value}")
+    if args.prioritized_replay and args.priority_epsilon <= 0:
+        fail(f"--priority-epsilon must be > 0 with prioritised replay, got {args.priority_epsilon}")
+    if args.buffer_size < math.lcm(args.num_envs, args.train_frequency):
+        fail(f"--buffer-size must hold the lcm of --num-envs and --train-frequency, got {args.buffer_size}")
+    largest = 2**32 - max(args.num_envs, 10_000 + args.eval_episodes)  # every reset's seed must be < 2**32
+    if not 0 <= args.seed <= largest:
+        fail(f"--seed must be in [0, {largest}], got {args.seed}")
+    if not re.fullmatch(r"\w[\w.+-]*", args.exp_name):
+        fail(f"--exp-name must be a file name of letters, digits and . _ + -, got {args.exp_name!r}")
+    if args.num_envs > 1:  # a worker process each, of at most 0.25 GB (dog-walk's: 0.2 GB)
+        check_fits(f"--num-envs {args.num_envs}", args.num_envs * 2**28, host=True)
+    if not (args.load_model or args.resume) and args.learning_starts >= args.total_timesteps:
+        print("warning: --learning-starts is not below --total-timesteps: no update at all", file=sys.stderr)
+
+
+def check_fits(what: str, nbytes: int, host: bool = False) -> None:
+    """Refuse what does not fit in the memory available: the accelerator's, or the machine's (Linux's estimate)."""
+    stats = {} if host else jax.devices()[0].memory_stats() or {}
+    meminfo = open("/proc/meminfo").read() if os.path.exists("/proc/meminfo") else "MemAvailable: 1e30"
+    ram = 1024 * float(re.search(r"MemAvailable:\s+(\S+)", meminfo)[1])
+    available = stats["bytes_limit"] - stats["bytes_in_use"] if stats else ram
+    if nbytes > available:
+        fail(f"{what} needs {nbytes / 2**30:.3g} GiB, more than the {available / 2**30:.3g} GiB available")
+
+
+def checked_env(env_id: str, video_dir: Optional[str] = None, render: bool = False) -> gym.Env:
+    """gym.make of a DeepMind Control `domain-task` (through Shimmy) or a Gymnasium id, observations flat float32,
+    every episode recorded to video_dir if given; one `error:` line where it cannot be made or render."""
+    from dm_control import suite
+
+    gym_id = f"dm_control/{env_id}-v0" if tuple(env_id.split("-", 1)) in suite.ALL_TASKS else env_id
+    if gym_id not in gym.registry:
+        fail(f"unknown --env-id {env_id!r}: a DeepMind Control task (e.g. dog-walk) or a Gymnasium id")
+    try:  # a registered id can still fail: a missing extra (Box2D), a renderer that cannot start, no moviepy
+        env = gym.make(gym_id, render_mode="rgb_array" if render or video_dir else None)
+        env = gym.wrappers.DtypeObservation(gym.wrappers.FlattenObservation(env), np.float32)
+        if render:
+            import moviepy  # noqa: F401  (RecordVideo writes with it)
+
+            env.reset(seed=0)
+            env.render()
+    except Exception as e:
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        fail(
+            f"--env-id {env_id!r} cannot be made{' to render' * render} (MUJOCO_GL={os.environ['MUJOCO_GL']}): {reason}"
+        )
+    if video_dir:  # at the task's own speed: Shimmy's render_fps is a display rate
+        dmc = getattr(env.unwrapped, "_env", None)
+        dt = dmc.control_timestep() if dmc else getattr(env.unwrapped, "dt", 0)
+        env = gym.wrappers.RecordVideo(env, video_dir, lambda _: True, fps=round(1 / dt) if dt else None)
+    return env
+
+
+def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
+    """make_env(env_id, seed + i) for i < num_envs, in a process each for more than one (forked before JAX starts).
+    Same-step autoreset: an ended episode's last observation is in infos["final_obs"]."""
+    fns = [functools.partial(make_worker_env if num_envs > 1 else make_env, env_id, seed + i) for i in range(num_envs)]
+    vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
+    return vector(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def make_worker_env(env_id: str, seed: int) -> gym.Env:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the trainer decides
+    return make_env(env_id, seed)
+
+
+def saved_settings(args):
+    """(settings, meta, arrays) of --resume's checkpoint or --load-model's model, the flags given here on top; a
+    model's MODEL_SETTINGS and a resumed run's settings outside RUN_SETTINGS must agree with the saved ones."""
+    if not (args.resume or args.load_model):
+        return args, None, None
+    option = "--resume" if args.resume else "--load-model"
+    path = os.path.join(args.resume, "checkpoint.npz") if args.resume else args.load_model
     try:
-        import moviepy  # noqa: F401
-    except ImportError:
-        fail("--capture-video needs moviepy to write the videos (pip install moviepy)")
-    env = make_env(env_id, 0, render=True)
-    try:
-        env.reset(seed=0)
-        env.render()
-    except Exception as error:
-        reason = (str(error).strip().splitlines() or [""])[0].rstrip(".")
-        fail(f"--capture-video cannot render {env_id!r} with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: "
-             f"{type(error).__name__}: {reason}; MuJoCo renders offscreen with libEGL (MUJOCO_GL=egl; e.g. "
-             f"apt install libegl1) or OSMesa (MUJOCO_GL=osmesa)")
-    finally:
-        env.close()
-
-
-class MetricsLogger:
-    """One CSV row per logged step under runs/{run_name}/, mirrored to W&B when tracking. A resumed run keeps
-    the rows up to its checkpoint's step and appends after them."""
-
-    def __init__(self, path: str, columns: list, wandb_run=None, resume_step: Optional[int] = None):
-        self.columns, self.wandb_run = ["global_step", *columns], wandb_run
-        kept = []
-        if resume_step is not None and os.path.isfile(path):
-            with open(path) as f:
-                kept = [row for row in list(f)[1:] if int(row.split(",", 1)[0]) <= resume_step]
-        with open(path + ".tmp", "w") as f:
-            f.write(",".join(self.columns) + "\n" + "".join(kept))
-        os.replace(path + ".tmp", path)
-        self.file = open(path, "a", buffering=1)
-
-    def log(self, step: int, metrics: dict) -> None:
-        values = {k: float(v) for k, v in metrics.items()}
-        self.file.write(",".join([str(step), *(str(values.get(c, "")) for c in self.columns[1:])]) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(values, step=step)
-
-    def close(self) -> None:
-        self.file.close()
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays.pop("__meta__")))
+        saved, defaults = Args(**meta["args"]), Args()
+        if meta["script"] != SCRIPT:
+            raise ValueError(f"it was saved by {meta['script']}")
+    except Exception as e:
+        fail(f"{option}: {path} is not a file saved by this {SCRIPT}: {type(e).__name__}: {e}")
+    for name, value in vars(args).items():
+        if value != getattr(defaults, name) and value != getattr(saved, name):
+            if name in MODEL_SETTINGS or (args.resume and name not in RUN_SETTINGS):
+                fail(f"{option}: --{name.replace('_', '-')} {value!r} differs from the saved {getattr(saved, name)!r}")
+            setattr(saved, name, value)
+    saved.resume = args.resume  # a model saved by a resumed run is evaluated, not resumed
+    return saved, meta, arrays
 
 
 def save_arrays(path: str, tree, meta: dict) -> str:
-    """A pytree's arrays and a JSON header of what they are in one .npz (a saved model, or a checkpoint: the
-    whole run state), written to a temporary file and renamed over the old one: a crash mid-write leaves it
-    intact. Replay storage is cut to its filled rows."""
-    size = int(tree["buffer"].size) if isinstance(tree, dict) and "buffer" in tree else None
-    arrays = {k: np.asarray(v[:size] if k.startswith("['buffer'].storage") else v) for k, v in named_leaves(tree)}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """A pytree's arrays, named by their paths, and a JSON header of what they are in one .npz, written to a
+    temporary file and then renamed, so that a crash while writing leaves the last one whole."""
+    arrays = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     with open(path + ".tmp", "wb") as f:
         np.savez(f, __meta__=json.dumps(dict(meta, script=SCRIPT)), **arrays)
     os.replace(path + ".tmp", path)
     return path
 
 
-def named_leaves(tree) -> list:
-    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def checkpoint_file(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoint", "state.npz")
-
-
-def load_arrays(path: str, option: str) -> tuple:
-    """(meta, {name: array}) of a file save_arrays wrote with this script, or one line saying why not."""
-    if not os.path.isfile(path):
-        fail(f"{option}: no such file: {path}" + (" (--checkpoint-frequency writes one)" * (option == "--resume")))
-    try:
-        with np.load(path) as f:
-            arrays = {k: f[k] for k in f.files}
-        meta = json.loads(str(arrays.pop("__meta__")))
-    except Exception as e:
-        fail(f"{option}: {path} is damaged or was not saved by {SCRIPT} ({type(e).__name__})")
-    if meta.get("script") != SCRIPT:
-        fail(f"{option}: {path} was saved by {meta.get('script')}, not {SCRIPT}")
-    return meta, arrays
-
-
 def restore(template, arrays: dict, option: str):
-    """`template` (freshly built parameters or run state) with every array replaced by the saved one."""
-    named, leaves = named_leaves(template), []
-    if {name for name, _ in named} != set(arrays):
-        fail(f"{option}: the file holds {len(arrays)} arrays that do not match this run's {len(named)}")
-    for name, like in named:
-        saved, shape = arrays[name], np.shape(like)
-        fits = saved.shape == shape or (saved.ndim > 0 and saved.shape[1:] == shape[1:] and len(saved) <= shape[0])
-        if not fits or saved.dtype != like.dtype:
-            fail(f"{option}: the saved {name} is {saved.dtype}{list(saved.shape)}, this run's {like.dtype}{list(shape)}")
-        if saved.shape != shape:  # replay storage: its filled rows, the rest zeros as when it was saved
-            saved = np.concatenate([saved, np.zeros((shape[0] - len(saved), *shape[1:]), saved.dtype)])
-        leaves.append(jnp.asarray(saved) if isinstance(like, jax.Array) else saved)
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+    """`template` (fresh parameters, or run state) with each array replaced by the saved one of the same path."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    if {jax.tree_util.keystr(k) for k, _ in paths} != set(arrays):
+        fail(f"{option}: the saved arrays are not this run's (was it saved by another version of {SCRIPT}?)")
+    leaves = [(arrays[jax.tree_util.keystr(k)], v) for k, v in paths]
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) if isinstance(v, jax.Array) else a for a, v in leaves])
 
 
-def new_run_dir(args: Args) -> str:
-    """runs/{env_id}__{exp_name}__{seed}__{time}, with -2, -3, ... when a run of the same second took it."""
-    env_name = args.env_id.replace("/", "-")  # a namespaced Gymnasium id (dm_control/walker-walk-v0): one folder
-    stem = os.path.join("runs", f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    for n in itertools.count(1):
+def new_run_dir(args) -> str:
+    """runs/{env_id}__{exp_name}__{seed}__{time}, then -2, -3, ... for runs started in the same second."""
+    stem = f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    for run_dir in (f"{stem}-{n}" if n > 1 else stem for n in range(1, 100)):
         try:
-            os.makedirs(stem if n == 1 else f"{stem}-{n}")
-            return stem if n == 1 else f"{stem}-{n}"
+            os.makedirs(run_dir)
+            return run_dir
         except FileExistsError:
             continue
+        except OSError as e:
+            fail(f"cannot create {run_dir}: {e.strerror}")
 
 
-def saved_args(given: Args, saved: dict, option: str, fixed) -> Args:
-    """A saved run's own settings, with the flags given here on top, except those in `fixed`, which must agree."""
-    args, defaults = Args(**saved), Args()
-    for name, value in vars(given).items():
-        if value != getattr(defaults, name) and value != getattr(args, name):
-            if name in fixed:
-                fail(f"{option}: --{flag(name)} {value!r} differs from the saved run's {getattr(args, name)!r}")
-            setattr(args, name, value)
-    return args
+class Logger:
+    """The run's metrics.csv, a row per logged step (a resumed run keeps the rows up to its checkpoint), and W&B."""
+
+    def __init__(self, args, columns: list, meta: Optional[dict]):
+        self.run_dir, self.columns, self.wandb = args.resume or new_run_dir(args), ["global_step", *columns], None
+        if args.track:
+            import wandb
+
+            name, wandb_id = os.path.basename(self.run_dir), meta and meta["wandb_id"]
+            try:
+                self.wandb = wandb.init(
+                    project=args.wandb_project_name,
+                    entity=args.wandb_entity,
+                    config=vars(args),
+                    name=name,
+                    save_code=True,
+                    id=wandb_id,
+                    resume="allow",
+                )
+            except (Exception, KeyboardInterrupt) as e:  # the latter: W&B's login prompt, abandoned
+                if not args.resume:
+                    os.rmdir(self.run_dir)  # still empty
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                fail(f"--track: W&B cannot start: {reason} (WANDB_MODE=offline logs without an account)")
+        self.path = os.path.join(self.run_dir, "metrics.csv")
+        kept = (
+            [r for r in open(self.path).readlines()[1:] if int(r.split(",")[0]) <= meta["global_step"]] if meta else []
+        )
+        with open(self.path + ".tmp", "w") as f:
+            f.write(",".join(self.columns) + "\n" + "".join(kept))
+        os.replace(self.path + ".tmp", self.path)
+        self.file = open(self.path, "a", buffering=1)
+
+    def log(self, step: int, metrics: dict) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        self.file.write(",".join([str(step), *(str(values.get(c, "")) for c in self.columns[1:])]) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self, finished: bool) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=0 if finished else 1)
 
 
-def stop_on_signals() -> list:
-    """SIGINT and SIGTERM make the training loop stop after its current step, save and exit; a second aborts."""
-    stop = []
+STOP = []  # the signal that stops the training loop after its current step, once one came
 
-    def handler(signum, _frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving (again to abort)", flush=True)
 
+def stop_after_step(signum, _frame):
+    """SIGINT and SIGTERM make the training loop stop after its current step and save; a second one aborts."""
+    if STOP:
+        raise KeyboardInterrupt
+    STOP.append(signum)
+    print(f"\n{signal.Signals(signum).name}: stopping after this step and saving (again to abort)")
+
+
+def start(args):
+    """A run's first step: from here Ctrl-C and SIGTERM stop it after the current step, and progress shows at once in a
+    log file too. Returns saved_settings(args)."""
+    STOP.clear()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handler)
-    return stop
+        signal.signal(signum, stop_after_step)
+    sys.stdout.reconfigure(line_buffering=True)
+    return saved_settings(args)
 
 
-def restore_signals() -> None:
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, for a caller that goes on
+def finish(args, outcome: str, global_step: int, params, logger, envs, final_evaluation, checkpoint) -> None:
+    """However a run ends: its model saved (never a stale one), the final evaluation, then the checkpoint (so that a
+    resumed run has nothing left to do), the logs closed, and how to continue."""
+    model_path, saved_to = os.path.join(logger.run_dir, f"{args.exp_name}.npz"), []
+    if args.save_model or outcome != "finished" or os.path.exists(model_path):
+        saved_to.append(save_arrays(model_path, params, dict(args=vars(args), global_step=global_step)))
+    if outcome == "finished" and args.eval_frequency:
+        final_evaluation()
+    if args.checkpoint_frequency:
+        saved_to.append(checkpoint())
+    logger.close(outcome == "finished")
+    envs.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print(f"{outcome} at step {global_step}: metrics in {logger.path}" + "".join(f", saved {p}" for p in saved_to))
+    if outcome != "finished":
+        resume = f"continue with: python {sys.argv[0]} --resume {logger.run_dir}"
+        print(resume if args.checkpoint_frequency else "this run cannot be continued: no --checkpoint-frequency")
 
 
-def check_seed_and_start(args) -> None:
-    """Refuse a seed the environments cannot take, before training rather than at the final evaluation: they take
-    seeds in [0, 2**32), the N training environments --seed to --seed + N - 1 and the evaluation episodes --seed +
-    10000 onwards. Warn of a run that would end before its first update."""
-    largest = 2**32 - 1 - max(args.num_envs - 1, 10_000 + args.eval_episodes - 1)
-    if not 0 <= args.seed <= largest:
-        fail(f"--seed must be in [0, {largest}], got {args.seed}")
-    if args.load_model is None and not args.resume and args.learning_starts >= args.total_timesteps:
-        print(f"warning: --learning-starts {args.learning_starts} is not below --total-timesteps "
-              f"{args.total_timesteps}: the run ends before its first update", file=sys.stderr)
+# === run helpers: end ===
 
 
-def start_wandb(args, run_name: str, run_dir: str, meta: Optional[dict]):
-    """The W&B run of --track (a resumed run continues its own), or one error line where W&B cannot start (most
-    often no login): a new run's folder, still empty then, is removed again."""
-    import wandb
-
-    try:
-        return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                          name=run_name, save_code=True, id=meta and meta["wandb_id"],
-                          resume="allow" if meta else None)
-    except (Exception, KeyboardInterrupt) as e:  # the latter: its login prompt in a terminal, left
-        if meta is None and os.path.isdir(run_dir) and not os.listdir(run_dir):
-            os.rmdir(run_dir)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"--track: W&B could not start: {reason} (WANDB_MODE=offline logs to disk without an account)")
-
-
-def finished_and_evaluated(run_dir: str, step: int, args) -> bool:
-    """Whether a resumed run has nothing left to do: its checkpoint is at --total-timesteps and its final evaluation
-    (if it has one) is in metrics.csv. A run stopped during that evaluation still gets it."""
-    if step < args.total_timesteps:
-        return False
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        return not args.eval_frequency or any(row["global_step"] == str(step) and row["eval/episodic_return"]
-                                              for row in csv.DictReader(f))
-
-
-def evaluation_video_dir(args) -> Optional[str]:
-    """Where --capture-video records a --load-model evaluation: beside the model, in videos/evaluation (a training
-    run records into its own videos/step{N})."""
-    if not args.capture_video:
-        return None
-    return os.path.join(os.path.dirname(os.path.abspath(args.load_model)), "videos", "evaluation")
-
-
-def command_path() -> str:
-    """This script's path as the user can type it from the working directory (printed commands must run there)."""
-    relative = os.path.relpath(os.path.abspath(__file__))
-    return os.path.abspath(__file__) if relative.startswith("..") else relative
+METRICS = """charts/episodic_return charts/episodic_length charts/SPS losses/td_loss losses/proposal_nll losses/entropy
+    losses/q_values charts/amortisation_gap charts/amortisation_win_fraction charts/argmax_from_proposal
+    charts/greedy_from_proposal eval/episodic_return""".split()  # metrics.csv's columns, in this order
 
 
 def main(args: Args) -> None:
-    started = time.time()
-    stop = stop_on_signals()  # from the first moment: a Ctrl-C during start-up stops the run before its loop
+    stop = STOP
+    args, meta, saved = start(args)  # a Ctrl-C from here on stops the run after its current step
     check_args(args)
-    meta = saved = None
-    if args.resume or args.load_model:  # a checkpoint, or a model: both carry the settings they were made with
-        option = "--resume" if args.resume else "--load-model"
-        meta, saved = load_arrays(checkpoint_file(args.resume) if args.resume else args.load_model, option)
-        fixed = [k for k in vars(args) if k not in RESUME_MAY_CHANGE] if args.resume else MODEL_SETTINGS
-        args = saved_args(args, meta["args"], option, fixed)
-    check_seed_and_start(args)
-    if args.xla_cache:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.xla_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    env = make_env(args.env_id, args.seed)  # one line of error here, not in a worker, for an id it cannot use
+    env = make_env(args.env_id, args.seed)  # one error line here, not in a worker
+    (example_obs, _), (action_dim, num_bins) = env.reset(seed=args.seed), sub_action_space(env, args.num_bins)
+    check_fits(f"--num-bins {args.num_bins}: the proposal in an update", proposal_bytes(action_dim, num_bins, args))
     if args.capture_video:
-        check_rendering(args.env_id)
-    action_dim, num_bins = sub_action_space(env, args.num_bins)
-    check_proposal(args, action_dim, num_bins)
-    example_obs, _ = env.reset(seed=args.seed)
-    env.close()
-    envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)
+        checked_env(args.env_id, render=True).close()
+    if args.resume and meta["global_step"] >= args.total_timesteps:
+        return print(f"{args.resume} is at step {meta['global_step']}: a larger --total-timesteps continues it")
+    envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)  # forked before JAX starts
     model = AQLNetwork(action_dim, num_bins, args.proposal_hidden)
-    search = dict(n_proposal=args.n_proposal, m_uniform=args.m_uniform)
+    policy = functools.partial(act, model, n_proposal=args.n_proposal, m_uniform=args.m_uniform)
     key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
-    # One compile, keyed on the model's settings, not on this model object: a second main() in one process reuses it.
-    params = jax.jit(AQLNetwork.init, static_argnums=0)(model, k_init, example_obs[None],
-                                                        jnp.zeros((1, 1, action_dim), jnp.int32))
+    init = jax.jit(AQLNetwork.init, static_argnums=0)  # keyed on the model's settings: a second run reuses it
+    params = init(model, k_init, example_obs[None], jnp.zeros((1, 1, action_dim), jnp.int32))
+    if args.load_model:  # its run's evaluation seeds and search: it scores what its run logged
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # an evaluation has nothing to save
+        video_dir = args.capture_video and os.path.join(os.path.dirname(args.load_model), "videos", "evaluation")
+        params = restore(params, saved, "--load-model")
+        return evaluate(policy, params, args, f"{args.load_model} on {args.env_id}", num_bins, video_dir)
 
-    def evaluation(params, label: str, video_dir: Optional[str] = None) -> float:
-        returns = evaluate(model, params, args.env_id, args.seed + 10_000, args.eval_episodes, **search,
-                           video_dir=video_dir)
-        print(f"{label}  greedy evaluation return {np.mean(returns):.1f} over {len(returns)} episode(s)", flush=True)
-        return float(np.mean(returns))
-
-    if args.load_model is not None:  # the run's own evaluation seeds and search, unless given here
-        restore_signals()  # an evaluation has nothing to save: Ctrl-C stops it at once
-        video_dir = evaluation_video_dir(args)
-        evaluation(restore(params, saved, "--load-model"), f"{args.load_model} on {args.env_id}",  # which task: said
-                   video_dir=video_dir)
-        if args.capture_video:
-            print(f"videos in {video_dir}", flush=True)
-        return
-
-    run_dir = args.resume.rstrip("/") if args.resume else new_run_dir(args)
-    if meta and finished_and_evaluated(run_dir, meta["global_step"], args):  # no second final evaluation either
-        print(f"{run_dir} is already at step {meta['global_step']} of --total-timesteps {args.total_timesteps}: "
-              "nothing to train (a larger --total-timesteps continues it)", flush=True)
-        return
-    run_name, checkpoint_path = os.path.basename(run_dir), checkpoint_file(run_dir)
-    wandb_run = None
-    if args.track:
-        wandb_run = start_wandb(args, run_name, run_dir, meta)
-    columns = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/td_loss",
-               "losses/proposal_nll", "losses/entropy", "losses/q_values", "charts/amortisation_gap",
-               "charts/amortisation_win_fraction", "charts/argmax_from_proposal", "charts/greedy_from_proposal",
-               "eval/episodic_return"]
-    logger = MetricsLogger(os.path.join(run_dir, "metrics.csv"), columns, wandb_run,
-                           resume_step=meta and meta["global_step"])
-    print(f"{run_name}: {action_dim} sub-actions x {num_bins} bins ({float(num_bins) ** action_dim:.3g} actions), "
-          f"{args.num_envs} env(s), search over N={args.n_proposal} proposal + M={args.m_uniform} uniform samples",
-          flush=True)
-
+    transition = dict(obs=example_obs, action=np.zeros(action_dim, np.int32), reward=np.float32(0))
+    transition.update(next_obs=example_obs, terminated=np.float32(0))
+    row_bytes = sum(v.nbytes for v in transition.values()) + 16  # and its share of the sum-tree
+    check_fits(f"--buffer-size {args.buffer_size}", args.buffer_size * row_bytes)
+    rows = math.lcm(args.num_envs, args.train_frequency)  # transitions per update call
+    cfg = UpdateConfig(rows // args.train_frequency, 0, *(getattr(args, k) for k in UpdateConfig._fields[2:]))
+    cfgs = (cfg._replace(updates=0), cfg, cfg._replace(amortisation_states=args.amortisation_states))
+    logger, global_step = Logger(args, METRICS, meta), meta["global_step"] if meta else 0
+    print(f"{logger.run_dir}: {action_dim} sub-actions x {num_bins} bins; N={args.n_proposal}, M={args.m_uniform}")
     state = AQLState.create(apply_fn=None, params=params, target_params=params, tx=adam(args.learning_rate))
-    transition = dict(obs=example_obs, action=np.zeros(action_dim, np.int32), reward=np.float32(0.0),
-                      next_obs=example_obs, terminated=np.float32(0.0))
-    rows = math.lcm(args.num_envs, args.train_frequency)  # transitions per update call, one update per tf of them
-    run = dict(state=jax.tree.map(jnp.asarray, state), buffer=buffer_init(transition, args.buffer_size), key=key,
-               greedy=jnp.zeros(2), pending={k: np.zeros((rows, *np.shape(v)), np.asarray(v).dtype)
-                                             for k, v in transition.items()})
-    global_step, episodes = (meta["global_step"], meta["episodes"]) if meta else (0, 0)
-    if meta:
-        run = restore(run, saved, "--resume")
-        print(f"resumed {run_dir} at step {global_step} (episodes restart; metrics.csv continues)", flush=True)
+    pending = {k: np.zeros((rows, *np.shape(v)), np.asarray(v).dtype) for k, v in transition.items()}
+    run = dict(state=jax.tree.map(jnp.asarray, state), key=key, greedy=jnp.zeros(2), pending=pending)
+    run["buffer"] = buffer_init(transition, args.buffer_size)
+    run = restore(run, saved, "--resume") if meta else run
     state, buffer, key, greedy, pending = (run[k] for k in ("state", "buffer", "key", "greedy", "pending"))
-    store = jax.jit(buffer_add, donate_argnums=0)
-    train = functools.partial(
-        update, model, updates=rows // args.train_frequency, gamma=args.gamma, batch_size=args.batch_size,
-        entropy_coef=args.entropy_coef, prioritized=args.prioritized_replay, alpha=args.priority_exponent,
-        beta=args.importance_exponent, priority_epsilon=args.priority_epsilon, **search)
-    # The gap costs two more searches per measured state, so only the update before a log line measures it.
-    train_and_measure = functools.partial(train, amortisation_states=args.amortisation_states)
 
-    def checkpoint() -> str:
-        return save_arrays(checkpoint_path, dict(state=state, buffer=buffer, key=key, greedy=greedy, pending=pending),
-                           dict(args=vars(args), global_step=global_step, episodes=episodes,
-                                wandb_id=wandb_run and wandb_run.id))
+    def checkpoint():  # the whole run state, so that --resume continues this very run
+        tree = dict(state=state, buffer=buffer, key=key, greedy=greedy, pending=pending)
+        info = dict(args=vars(args), global_step=global_step, wandb_id=logger.wandb and logger.wandb.id)
+        return save_arrays(os.path.join(logger.run_dir, "checkpoint.npz"), tree, info)
 
-    obs, _ = envs.reset(seed=args.seed)
-    outcome, train_metrics, new_returns, compiled = "finished", {}, [], set()
-    first_step, last_log = global_step, (time.time(), global_step)
-    print(f"compiling the greedy action (XLA; cache: {args.xla_cache or 'off'}) ...", flush=True)
+    def evaluation():  # logged at this step; videos into videos/step{N}
+        video_dir = args.capture_video and f"{logger.run_dir}/videos/step{global_step}"
+        mean = evaluate(policy, state.params, args, f"step {global_step:>8}", num_bins, video_dir)
+        logger.log(global_step, {"eval/episodic_return": mean})
+
+    def crossed(period, ahead=0):  # whether the last vector step (moved `ahead`) passed a multiple of this period
+        return period > 0 and (global_step + ahead) // period > previous // period
+
+    obs, space = envs.reset(seed=args.seed)[0], envs.single_action_space
+    outcome, metrics, returns, last_log = "crashed", {}, [], (time.time(), global_step)
+    print("compiling the greedy action (XLA) ...")
     try:
         while global_step < args.total_timesteps and not stop:
-            actions, key, k_update, greedy = act(model, state.params, obs, key, greedy, args.epsilon, **search)
+            actions, key, k_update, greedy = policy(state.params, obs, key, greedy, args.epsilon)
             actions = np.asarray(actions)  # the step's one transfer from the device
-            next_obs, rewards, terminated, truncated, infos = envs.step(
-                env_action(envs.single_action_space, actions, num_bins))
-            # Same-step autoreset: where an episode ended, next_obs holds the next one's first observation and
-            # infos the last one, which is what the transition stores. A time-limit end is not terminal: the
-            # target bootstraps through it (partial-episode bootstrapping).
-            final_obs = next_obs.copy()
-            for i in np.flatnonzero(terminated | truncated):
+            next_obs, rewards, terminated, truncated, infos = envs.step(env_action(space, actions, num_bins))
+            final_obs = next_obs.copy()  # where an episode ended: its own last observation, not the next one's first
+            for i in np.flatnonzero(terminated | truncated):  # a time limit is no termination: targets bootstrap
                 final_obs[i], episode = infos["final_obs"][i], infos["final_info"]["episode"]
-                logger.log(global_step + args.num_envs, {"charts/episodic_return": episode["r"][i],
-                                                         "charts/episodic_length": episode["l"][i]})
-                new_returns.append(float(episode["r"][i]))
-                episodes += 1
-            slot = global_step % rows
-            for k, v in dict(obs=obs, action=actions, reward=rewards, next_obs=final_obs,
-                             terminated=terminated).items():
-                pending[k][slot: slot + args.num_envs] = v
+                stats = {"charts/episodic_return": episode["r"][i], "charts/episodic_length": episode["l"][i]}
+                logger.log(global_step + args.num_envs, stats)
+                returns.append(float(episode["r"][i]))
+            new = dict(obs=obs, action=actions, reward=rewards, next_obs=final_obs, terminated=terminated)
+            for k, v in new.items():
+                pending[k][global_step % rows : global_step % rows + args.num_envs] = v
             obs, previous, global_step = next_obs, global_step, global_step + args.num_envs
-            crossed = lambda period: period > 0 and global_step // period > previous // period  # noqa: E731
-            if previous == first_step:
-                print(f"compiled; first step {time.time() - started:.1f} s after start", flush=True)
-
-            if global_step % rows == 0:
-                # A copy: on CPU, jax may read a numpy argument in place after the call has returned (asynchronous
-                # dispatch), and `pending` is overwritten from the next step on.
-                chunk = {k: v.copy() for k, v in pending.items()}
-                # The update before a log line measures the gap: a log line comes at a step before the next call.
-                logs = (global_step + rows - args.num_envs) // args.log_frequency > previous // args.log_frequency
-                fit = train_and_measure if args.amortisation_states > 0 and logs else train
-                if global_step < args.learning_starts:
-                    buffer = store(buffer, chunk)
-                elif fit in compiled:
-                    state, buffer, metrics = fit(state, buffer, chunk, k_update)
-                    train_metrics.update(metrics)  # the last measured gap stays until the next measurement
-                else:  # the first update of each kind compiles (or loads from the cache): say so, and time it
-                    kind = "update measuring the amortisation gap" if fit is train_and_measure else "update"
-                    print(f"step {global_step}: compiling the {kind} ...", flush=True)
-                    state, buffer, metrics = fit(state, buffer, chunk, k_update)
-                    train_metrics.update(metrics)
-                    jax.block_until_ready(state.step)
-                    print(f"first {kind} done {time.time() - started:.1f} s after start", flush=True)
-                    compiled.add(fit)
+            if global_step % rows == 0:  # store the period's transitions, then learn from the buffer
+                learn = global_step >= args.learning_starts
+                measure = crossed(args.log_frequency, rows - args.num_envs)  # the update before a log line: the gap
+                if learn and not metrics:
+                    print(f"step {global_step}: compiling the update ...")
+                chunk = {k: v.copy() for k, v in pending.items()}  # jax may read numpy inputs after returning
+                state, buffer, learned = update(model, state, buffer, chunk, k_update, cfgs[learn * (1 + measure)])
+                metrics.update(learned)  # the last measured gap stays until the next measurement
             if crossed(args.target_network_frequency):
                 state = state.replace(target_params=state.params)
-
             if crossed(args.log_frequency):
-                now, (steps, proposal) = time.time(), (float(n) for n in np.asarray(greedy))
+                now, (steps, proposal) = time.time(), np.asarray(greedy).tolist()
                 sps = (global_step - last_log[1]) / (now - last_log[0])
                 acting = {"charts/greedy_from_proposal": proposal / steps} if steps else {}
-                logger.log(global_step, {"charts/SPS": sps, **acting, **train_metrics})
-                greedy, last_log = jnp.zeros(2), (now, global_step)
-                returns = f"{np.mean(new_returns):8.1f}" if new_returns else "       -"
-                eta = time.strftime("%H:%M:%S", time.gmtime(max(args.total_timesteps - global_step, 0) / sps))
-                gap = float(train_metrics.get("charts/amortisation_gap", np.nan))
-                print(f"step {global_step:>8}  episodes {episodes:>5}  return {returns}  SPS {sps:.0f}  ETA {eta}  "
-                      f"amortisation gap {gap:.4f}", flush=True)
-                new_returns.clear()
-            if crossed(args.checkpoint_frequency):
+                logger.log(global_step, {"charts/SPS": sps, **acting, **metrics})
+                eta = time.strftime("%H:%M:%S", time.gmtime((args.total_timesteps - global_step) / sps))
+                mean, gap = np.mean(returns or np.nan), metrics.get("charts/amortisation_gap", np.nan)
+                print(
+                    f"step {global_step:>8}  return {mean:8.1f}  SPS {sps:4.0f}  ETA {eta}  amortisation gap {gap:.4f}"
+                )
+                greedy, last_log, returns = jnp.zeros(2), (now, global_step), []
+            if crossed(args.checkpoint_frequency) and global_step < args.total_timesteps:
                 checkpoint()
             if crossed(args.eval_frequency) and global_step < args.total_timesteps:
-                video_dir = os.path.join(run_dir, "videos", f"step{global_step}") if args.capture_video else None
-                logger.log(global_step, {"eval/episodic_return": evaluation(
-                    state.params, f"step {global_step:>8}", video_dir)})
-        outcome = "interrupted" if stop else outcome
-    except Exception:
-        outcome = "crashed"
-        traceback.print_exc()
-
-    saved_to = []  # the final model before the final evaluation; a run that stops early keeps its model too
-    try:
-        model_path = os.path.join(run_dir, f"{args.exp_name}.npz")
-        if args.save_model or outcome != "finished" or os.path.exists(model_path):  # never a stale one
-            saved_to.append(save_arrays(model_path, state.params, dict(args=vars(args), global_step=global_step)))
-        if args.checkpoint_frequency:
-            saved_to.append(checkpoint())
-    except Exception as e:
-        print(f"could not save everything: {type(e).__name__}: {e}", flush=True)
-    if outcome == "finished" and args.eval_frequency:
-        video_dir = os.path.join(run_dir, "videos", f"step{global_step}") if args.capture_video else None
-        logger.log(global_step, {"eval/episodic_return": evaluation(
-            state.params, f"step {global_step:>8}", video_dir)})
-    logger.close()
-    envs.close()
-    if wandb_run is not None:
-        wandb_run.finish(exit_code=0 if outcome == "finished" else 1)
-    print(f"{outcome} at step {global_step}: metrics in {run_dir}/metrics.csv" + "".join(
-        f", saved {path}" for path in saved_to), flush=True)
-    if args.checkpoint_frequency and outcome != "finished":
-        print(f"continue with: python {command_path()} --resume {run_dir}", flush=True)
-    restore_signals()
-    if outcome != "finished":
-        sys.exit(1 if outcome == "crashed" else 128 + stop[0])
-
-
-def check_whole_numbers(cls, argv: list) -> None:
-    """Refuse a whole-number flag given `nan`, `inf` or `1.5` with one line and status 1, as every other bad input
-    is refused (tyro would answer with a boxed message and status 2). Values follow their flag, up to the next flag
-    (`--seeds 1 2`), or its `=` (`--seed=1`); `None` is a value of Optional[int] flags."""
-    whole = {"--" + name.replace("_", "-"): type(None) in get_args(hint) for name, hint in get_type_hints(cls).items()
-             if int in (hint, *get_args(hint))}  # flag -> whether None is allowed
-    name = None
-    for arg in argv:
-        if arg.startswith("--") or arg == "-h":
-            name, _, value = arg.partition("=")
-            name = name.replace("_", "-")
-        else:
-            value = arg
-        if name in whole and value and not (whole[name] and value == "None"):
-            try:
-                int(value)
-            except ValueError:
-                raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
-
-
-def tyro_complaint(boxed: str) -> str:
-    """tyro's boxed refusal of a command line as one line: its message, and the flags it suggests if any. The box is
-    drawn in line-drawing characters, or in ASCII (`-`, `|`, `+`) where the output's encoding has none."""
-    border = set(" -|+\u2500\u2502\u256d\u256e\u256f\u2570")
-    lines = [line.strip(" |\u2502") for line in boxed.splitlines() if not set(line) <= border]
-    message, suggested, part = [], [], "message"
-    for line in lines[1:]:  # the first is the box's title
-        if line.startswith(("Argument helptext", "For full helptext")):
-            part = "done"
-        elif line.startswith("Perhaps you meant"):
-            part = "suggestions"
-        elif part == "message":
-            message.append(line)
-        elif part == "suggestions" and re.match(r"--[\w-]+$", line.split()[0]):
-            suggested.append(line.split()[0])
-    said = " ".join(message) or "the command line could not be read (see --help)"
-    return said + (f" (did you mean {', '.join(suggested)}?)" if suggested else "")
-
-
-def parse_command_line(cls):
-    """The command line as a `cls`, every refusal one `error:` line and status 1 (tyro's own are boxes, status 2)."""
-    check_whole_numbers(cls, sys.argv[1:])
-    boxed = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(boxed):
-            return tyro.cli(cls)
-    except SystemExit as exit_:
-        if not exit_.code:  # --help, printed on stdout
-            raise
-        raise SystemExit(f"error: {tyro_complaint(boxed.getvalue())}") from None
+                evaluation()
+        outcome = "interrupted" if stop else "finished"
+    finally:  # a crash's traceback follows, after the model and the checkpoint are saved
+        finish(args, outcome, global_step, state.params, logger, envs, evaluation, checkpoint)
+    if stop:
+        sys.exit(128 + stop[0])
 
 
 if __name__ == "__main__":
-    main(parse_command_line(Args))
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head -1` ends quietly, as other commands do
+    parsed = tyro.cli(Args)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    main(parsed)

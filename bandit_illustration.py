@@ -6,20 +6,17 @@ Figure 2: on a 2-D bandit (broad sub-optimal mode, narrow optimal one), Q learne
 QMLE with local sampling stay in the sub-optimal mode, QMLE with added uniform sampling finds the optimal one,
 under each of three explorations around the delta: uniform epsilon-greedy, Gaussian and Ornstein-Uhlenbeck noise.
 Paper: Tavakoli et al. 2024, "Learning in complex action spaces without policy gradients" (arXiv 2410.06317),
-Sections 3.2 and 5.1, Figures 1 and 2.  Reproduce: python bandit_illustration.py  (writes to runs/bandit_illustration/; --output-dir docs/figures updates the committed figures)
+Sections 3.2 and 5.1, Figures 1 and 2.  Reproduce: python bandit_illustration.py  (writes to runs/bandit_illustration/;
+--output-dir docs/figures updates the committed figures)
 """
 
-import contextlib
-import io
 import json
 import math
 import os
-import re
-import sys
+import signal
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import get_args, get_type_hints
 
 import flax.linen as nn
 import jax
@@ -40,7 +37,8 @@ class Args:
     num_seeds: int = 10
     """seeds per learner and exploration strategy (all 9 x num_seeds runs train at once under jax.vmap)"""
     output_dir: str = "runs/bandit_illustration"
-    """folder for bandit_fig1.png, bandit_fig2.png and bandit_results.json (created if missing; docs/figures holds the committed ones)"""
+    """folder for bandit_fig1.png, bandit_fig2.png and bandit_results.json (created if missing; docs/figures holds
+    the committed ones)"""
     num_steps: int = 2000
     """training steps on the 2-D bandit; each step pulls the arm `pulls_per_step` times, updates Q and the delta"""
     learning_starts: int = 200
@@ -85,29 +83,49 @@ def check_args(args: Args) -> None:
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number, got {value}")
-    positive = ("num_seeds", "num_steps", "pulls_per_step", "buffer_size", "batch_size", "m_local",
-                "m_uniform", "fig1_steps")
+    positive = (
+        "num_seeds",
+        "num_steps",
+        "pulls_per_step",
+        "buffer_size",
+        "batch_size",
+        "m_local",
+        "m_uniform",
+        "fig1_steps",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.seed <= 2**31 - args.num_seeds:  # the runs' seeds, --seed + i, go to the device as int32
-        raise SystemExit(f"error: --seed must be in [0, {2**31 - args.num_seeds}] with --num-seeds {args.num_seeds}, "
-                         f"got {args.seed}")
+        raise SystemExit(
+            f"error: --seed must be in [0, {2**31 - args.num_seeds}] with --num-seeds {args.num_seeds}, got {args.seed}"
+        )
     if args.buffer_size < args.pulls_per_step:  # a step's pulls would overwrite each other
-        raise SystemExit(f"error: --buffer-size must hold the {args.pulls_per_step} pulls written per step "
-                         f"(--pulls-per-step), got {args.buffer_size}")
+        raise SystemExit(
+            f"error: --buffer-size must hold the {args.pulls_per_step} pulls written per step "
+            f"(--pulls-per-step), got {args.buffer_size}"
+        )
     if not 0 <= args.learning_starts < args.num_steps:
         raise SystemExit(f"error: --learning-starts must be in [0, --num-steps), got {args.learning_starts}")
     if not 0.0 <= args.epsilon <= 1.0:
         raise SystemExit(f"error: --epsilon must be in [0, 1], got {args.epsilon}")
-    for name in ("q_learning_rate", "delta_learning_rate", "local_std", "gaussian_std", "ou_theta", "ou_sigma",
-                 "init_radius"):
+    for name in (
+        "q_learning_rate",
+        "delta_learning_rate",
+        "local_std",
+        "gaussian_std",
+        "ou_theta",
+        "ou_sigma",
+        "init_radius",
+    ):
         if not getattr(args, name) > 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     edge = 1.0 - float(jnp.abs(SUB_CENTRE).max())  # the start disc must lie inside the action box (-1, 1)^2
     if args.init_radius >= edge:
-        raise SystemExit(f"error: --init-radius must be < {edge:g} (the sub-optimal mode's centre is "
-                         f"{[round(float(c), 2) for c in SUB_CENTRE]} in the box (-1, 1)^2), got {args.init_radius}")
+        raise SystemExit(
+            f"error: --init-radius must be < {edge:g} (the sub-optimal mode's centre is "
+            f"{[round(float(c), 2) for c in SUB_CENTRE]} in the box (-1, 1)^2), got {args.init_radius}"
+        )
     out = os.path.abspath(args.output_dir)
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --output-dir {args.output_dir} exists and is not a folder")
@@ -138,8 +156,9 @@ def reward_1d(a):
 def gaussian_policy_objective(mu, std):
     """E_{a ~ N(mu, std^2)}[r(a)] in closed form: a Gaussian bump convolved with a Gaussian is a wider bump.
     (Actions are not clipped to [-1, 1] here: the 1-D reward is defined on the whole line.)"""
-    return sum(h * w / jnp.sqrt(w**2 + std**2) * jnp.exp(-((mu - c) ** 2) / (2 * (w**2 + std**2)))
-               for h, c, w in BUMPS_1D)
+    return sum(
+        h * w / jnp.sqrt(w**2 + std**2) * jnp.exp(-((mu - c) ** 2) / (2 * (w**2 + std**2))) for h, c, w in BUMPS_1D
+    )
 
 
 @partial(jax.jit, static_argnames="steps")
@@ -156,8 +175,11 @@ def figure1_trajectories(key, steps: int = 400):
 
     init = (logits0, jnp.float32(START_1D), jnp.float32(START_1D))
     _, (probs, mu_delta, mu_gauss) = jax.lax.scan(step, init, None, length=steps)
-    return (jnp.concatenate([jax.nn.softmax(logits0)[None], probs]),
-            jnp.concatenate([init[1][None], mu_delta]), jnp.concatenate([init[2][None], mu_gauss]))
+    return (
+        jnp.concatenate([jax.nn.softmax(logits0)[None], probs]),
+        jnp.concatenate([init[1][None], mu_delta]),
+        jnp.concatenate([init[2][None], mu_gauss]),
+    )
 
 
 def plot_figure1(probs, mu_delta, mu_gauss, path):
@@ -172,13 +194,20 @@ def plot_figure1(probs, mu_delta, mu_gauss, path):
     ordered = np.flatnonzero((np.argsort(probs, 1) == np.argsort(np.asarray(ARM_REWARDS))).all(1))
     if len(ordered):
         ax[1].axvline(ordered[0], color="grey", ls=":", label=f"ranked as rewards (update {ordered[0]})")
-    ax[1].set(title="(b) softmax policy, exact policy gradient", xlabel="update", ylabel="probability",
-              xscale="symlog", xlim=(0, len(probs) - 1))
+    ax[1].set(
+        title="(b) softmax policy, exact policy gradient",
+        xlabel="update",
+        ylabel="probability",
+        xscale="symlog",
+        xlim=(0, len(probs) - 1),
+    )
     ax[1].legend(fontsize=7)
     a = np.linspace(-1, 1, 400)
     steps = np.arange(len(mu_delta))
-    for panel, title in ((ax[2], "(c) delta policy, exact gradient"),
-                         (ax[3], f"(d) Gaussian policy (std {GAUSSIAN_POLICY_STD}), exact gradient")):
+    for panel, title in (
+        (ax[2], "(c) delta policy, exact gradient"),
+        (ax[3], f"(d) Gaussian policy (std {GAUSSIAN_POLICY_STD}), exact gradient"),
+    ):
         panel.plot(a, np.asarray(reward_1d(a)), color="k", label="reward")
         panel.set(title=title, xlabel="action", ylabel="reward", xlim=(-1, 1))
     sc = ax[2].scatter(mu_delta, np.asarray(reward_1d(mu_delta)), c=steps, cmap="viridis", s=6, zorder=3)
@@ -201,8 +230,10 @@ OPT_CENTRE, OPT_HEIGHT, OPT_WIDTH = jnp.array([0.55, 0.55]), 1.0, 0.15  # narrow
 
 def reward_2d(a):
     """Deterministic reward of actions a [..., 2] in [-1, 1]^2: two Gaussian bumps (peaks 0.6 and about 1.0)."""
+
     def bump(c, w):
         return jnp.exp(-jnp.sum((a - c) ** 2, -1) / (2 * w**2))
+
     return SUB_HEIGHT * bump(SUB_CENTRE, SUB_WIDTH) + OPT_HEIGHT * bump(OPT_CENTRE, OPT_WIDTH)
 
 
@@ -253,8 +284,15 @@ def make_train(args: Args):
         angle = jax.random.uniform(k_dir, (), minval=0, maxval=2 * jnp.pi)
         radius = args.init_radius * jnp.sqrt(jax.random.uniform(k_rad, ()))  # uniform over the disc
         theta = jnp.arctanh(SUB_CENTRE + radius * jnp.array([jnp.cos(angle), jnp.sin(angle)]))
-        carry = (q_params, q_opt.init(q_params), theta, d_opt.init(theta), jnp.zeros((C, 2)), jnp.zeros((C,)),
-                 jnp.zeros((P, 2)))
+        carry = (
+            q_params,
+            q_opt.init(q_params),
+            theta,
+            d_opt.init(theta),
+            jnp.zeros((C, 2)),
+            jnp.zeros((C,)),
+            jnp.zeros((P, 2)),
+        )
 
         def step(carry, xs):
             t, k = xs
@@ -320,8 +358,11 @@ def summarise(trajectories):
     """Per learner and strategy: fraction of seeds whose final delta sits in the optimal mode, mean final reward."""
     final = trajectories[:, :, :, -1]
     frac, rew = np.asarray(in_optimal_mode(final).mean(0)), np.asarray(reward_2d(final).mean(0))
-    return {f"{lrn}/{strat}": {"fraction_global": float(frac[i, j]), "final_reward": float(rew[i, j])}
-            for i, lrn in enumerate(LEARNERS) for j, strat in enumerate(STRATEGIES)}
+    return {
+        f"{lrn}/{strat}": {"fraction_global": float(frac[i, j]), "final_reward": float(rew[i, j])}
+        for i, lrn in enumerate(LEARNERS)
+        for j, strat in enumerate(STRATEGIES)
+    }
 
 
 def plot_figure2(q_params, trajectories, results, path, seed_label):
@@ -339,30 +380,53 @@ def plot_figure2(q_params, trajectories, results, path, seed_label):
     fig.colorbar(cs, ax=ax0, orientation="horizontal", fraction=0.05, pad=0.18, label="reward / learned Q")
     table = fig.add_subplot(spec[1:, 0])
     table.axis("off")
-    lines = [f"fraction of {trajectories.shape[0]} seeds ending", "in the optimal mode", "",
-             f"{'':<12}" + "".join(f"{s[:5]:>6}" for s in STRATEGIES)]
-    lines += [f"{lrn:<12}" + "".join(f"{results[f'{lrn}/{s}']['fraction_global']:>6.1f}" for s in STRATEGIES)
-              for lrn in LEARNERS]
-    lines += ["", "exploration around the delta:", "epsilon: some pulls uniform", "gauss: Gaussian noise",
-              "ou: Ornstein-Uhlenbeck noise", "", "Unvisited regions of the learned", "Q are extrapolated (saturated",
-              "colours: beyond the scale)."]
+    lines = [
+        f"fraction of {trajectories.shape[0]} seeds ending",
+        "in the optimal mode",
+        "",
+        f"{'':<12}" + "".join(f"{s[:5]:>6}" for s in STRATEGIES),
+    ]
+    lines += [
+        f"{lrn:<12}" + "".join(f"{results[f'{lrn}/{s}']['fraction_global']:>6.1f}" for s in STRATEGIES)
+        for lrn in LEARNERS
+    ]
+    lines += [
+        "",
+        "exploration around the delta:",
+        "epsilon: some pulls uniform",
+        "gauss: Gaussian noise",
+        "ou: Ornstein-Uhlenbeck noise",
+        "",
+        "Unvisited regions of the learned",
+        "Q are extrapolated (saturated",
+        "colours: beyond the scale).",
+    ]
     table.text(0.0, 0.8, "\n".join(lines), family="monospace", fontsize=9, va="top")
     q_net = QNetwork()
     for i, lrn in enumerate(LEARNERS):
         for j, strat in enumerate(STRATEGIES):
             ax = fig.add_subplot(spec[j, i + 1])
-            params = jax.tree.map(lambda x: x[0, i, j], q_params)
-            ax.contourf(g, g, np.asarray(q_net.apply(params, grid)).reshape(n, n), levels=levels, cmap="Blues",
-                        extend="both")
+            params = jax.tree.map(lambda x, i=i, j=j: x[0, i, j], q_params)
+            ax.contourf(
+                g, g, np.asarray(q_net.apply(params, grid)).reshape(n, n), levels=levels, cmap="Blues", extend="both"
+            )
             tr = np.asarray(trajectories[0, i, j])
             ax.plot(tr[:, 0], tr[:, 1], color="orange", lw=2)
             ax.plot(*tr[0], "kx", ms=8)
             ax.plot(*tr[-1], "o", color="limegreen", ms=9, mec="k")
             ax.plot(*np.asarray(OPT_CENTRE), "r+", ms=10)
-            ax.set(title=f"{lrn} / {strat}", xlim=(-1, 1), ylim=(-1, 1), aspect="equal",
-                   xlabel="action 1" if strat == STRATEGIES[-1] else None, ylabel="action 2" if lrn == LEARNERS[0] else None)
-    fig.suptitle(f"(b) learned Q at the end with the delta's trajectory (orange; start x, end green; red + = "
-                 f"optimum), seed {seed_label}")
+            ax.set(
+                title=f"{lrn} / {strat}",
+                xlim=(-1, 1),
+                ylim=(-1, 1),
+                aspect="equal",
+                xlabel="action 1" if strat == STRATEGIES[-1] else None,
+                ylabel="action 2" if lrn == LEARNERS[0] else None,
+            )
+    fig.suptitle(
+        f"(b) learned Q at the end with the delta's trajectory (orange; start x, end green; red + = "
+        f"optimum), seed {seed_label}"
+    )
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
@@ -372,14 +436,16 @@ def main(args: Args):
     try:
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as error:
-        raise SystemExit(f"error: --output-dir {args.output_dir} cannot be created: {error.strerror}")
+        raise SystemExit(f"error: --output-dir {args.output_dir} cannot be created: {error.strerror}") from None
     start = time.time()
 
     probs, mu_delta, mu_gauss = figure1_trajectories(jax.random.PRNGKey(args.seed), args.fig1_steps)
     plot_figure1(probs, mu_delta, mu_gauss, os.path.join(args.output_dir, "bandit_fig1.png"))
-    print(f"Figure 1: softmax ends with p(best arm) = {float(probs[-1, jnp.argmax(ARM_REWARDS)]):.3f}; "
-          f"delta ends at {float(mu_delta[-1]):+.3f}, Gaussian mean at {float(mu_gauss[-1]):+.3f} "
-          f"(optimum at {BUMPS_1D[1][1]:+.2f})")
+    print(
+        f"Figure 1: softmax ends with p(best arm) = {float(probs[-1, jnp.argmax(ARM_REWARDS)]):.3f}; "
+        f"delta ends at {float(mu_delta[-1]):+.3f}, Gaussian mean at {float(mu_gauss[-1]):+.3f} "
+        f"(optimum at {BUMPS_1D[1][1]:+.2f})"
+    )
 
     q_params, trajectories = run_all(args)
     results = summarise(trajectories)
@@ -387,67 +453,22 @@ def main(args: Args):
     with open(os.path.join(args.output_dir, "bandit_results.json"), "w") as f:
         json.dump(results, f, indent=2)
 
-    print(f"\nFigure 2, {args.num_seeds} seeds: fraction of seeds ending in the optimal mode (mean final reward; "
-          f"optimum {float(reward_2d(OPT_CENTRE)):.3f}, sub-optimal peak {SUB_HEIGHT})")
+    print(
+        f"\nFigure 2, {args.num_seeds} seeds: fraction of seeds ending in the optimal mode (mean final reward; "
+        f"optimum {float(reward_2d(OPT_CENTRE)):.3f}, sub-optimal peak {SUB_HEIGHT})"
+    )
     print(f"{'learner':<12}" + "".join(f"{s:>18}" for s in STRATEGIES))
     for lrn in LEARNERS:
         cells = (results[f"{lrn}/{s}"] for s in STRATEGIES)
         print(f"{lrn:<12}" + "".join(f"{c['fraction_global']:>9.1f} ({c['final_reward']:.3f})" for c in cells))
-    print(f"\nwrote {args.output_dir}/bandit_fig1.png, bandit_fig2.png, bandit_results.json "
-          f"in {time.time() - start:.1f} s")
-
-
-def check_whole_numbers(cls, argv: list) -> None:
-    """Refuse a whole-number flag given `nan`, `inf` or `1.5` with one line and status 1, as every other bad input
-    is refused (tyro would answer with a boxed message and status 2). Values follow their flag, up to the next flag
-    (`--seeds 1 2`), or its `=` (`--seed=1`); `None` is a value of Optional[int] flags."""
-    whole = {"--" + name.replace("_", "-"): type(None) in get_args(hint) for name, hint in get_type_hints(cls).items()
-             if int in (hint, *get_args(hint))}  # flag -> whether None is allowed
-    name = None
-    for arg in argv:
-        if arg.startswith("--") or arg == "-h":
-            name, _, value = arg.partition("=")
-            name = name.replace("_", "-")
-        else:
-            value = arg
-        if name in whole and value and not (whole[name] and value == "None"):
-            try:
-                int(value)
-            except ValueError:
-                raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
-
-
-def tyro_complaint(boxed: str) -> str:
-    """tyro's boxed refusal of a command line as one line: its message, and the flags it suggests if any. The box is
-    drawn in line-drawing characters, or in ASCII (`-`, `|`, `+`) where the output's encoding has none."""
-    border = set(" -|+\u2500\u2502\u256d\u256e\u256f\u2570")
-    lines = [line.strip(" |\u2502") for line in boxed.splitlines() if not set(line) <= border]
-    message, suggested, part = [], [], "message"
-    for line in lines[1:]:  # the first is the box's title
-        if line.startswith(("Argument helptext", "For full helptext")):
-            part = "done"
-        elif line.startswith("Perhaps you meant"):
-            part = "suggestions"
-        elif part == "message":
-            message.append(line)
-        elif part == "suggestions" and re.match(r"--[\w-]+$", line.split()[0]):
-            suggested.append(line.split()[0])
-    said = " ".join(message) or "the command line could not be read (see --help)"
-    return said + (f" (did you mean {', '.join(suggested)}?)" if suggested else "")
-
-
-def parse_command_line(cls):
-    """The command line as a `cls`, every refusal one `error:` line and status 1 (tyro's own are boxes, status 2)."""
-    check_whole_numbers(cls, sys.argv[1:])
-    boxed = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(boxed):
-            return tyro.cli(cls)
-    except SystemExit as exit_:
-        if not exit_.code:  # --help, printed on stdout
-            raise
-        raise SystemExit(f"error: {tyro_complaint(boxed.getvalue())}") from None
+    print(
+        f"\nwrote {args.output_dir}/bandit_fig1.png, bandit_fig2.png, bandit_results.json "
+        f"in {time.time() - start:.1f} s"
+    )
 
 
 if __name__ == "__main__":
-    main(parse_command_line(Args))
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head -1` ends quietly, as other commands do
+    parsed = tyro.cli(Args)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    main(parsed)

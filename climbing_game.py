@@ -6,19 +6,16 @@ cannot represent the payoff table and settles on the safe joint action worth 5. 
 joint Q(a1, a2) and one arg-max predictor per agent, trained by maximum likelihood toward the joint arg-max; each
 agent then acts from its own predictor and observation alone (decentralised execution) and the pair reaches 11.
 Paper: Tavakoli et al. 2024, "Learning in complex action spaces without policy gradients" (arXiv 2410.06317),
-Appendix E.2, Figure 11.  Reproduce: python climbing_game.py  (writes to runs/climbing_game/; --output-dir docs/figures updates the committed figures)
+Appendix E.2, Figure 11.  Reproduce: python climbing_game.py  (writes to runs/climbing_game/; --output-dir docs/figures
+updates the committed figures)
 """
 
-import contextlib
-import io
 import json
 import math
 import os
-import re
-import sys
+import signal
 import time
 from dataclasses import dataclass
-from typing import get_args, get_type_hints
 
 import flax.linen as nn
 import jax
@@ -39,7 +36,8 @@ class Args:
     num_seeds: int = 10
     """seeds per method (all trained at once under jax.vmap)"""
     output_dir: str = "runs/climbing_game"
-    """folder for climbing_game.png and climbing_results.json (created if missing; docs/figures holds the committed ones)"""
+    """folder for climbing_game.png and climbing_results.json (created if missing; docs/figures holds the committed
+    ones)"""
     num_steps: int = 1500
     """training steps; each step plays the game `plays_per_step` times and makes one update"""
     learning_starts: int = 200
@@ -70,9 +68,9 @@ class Args:
     """QMLE: observation pairs per predictor update (each gets its own arg-max approximation)"""
 
 
-PAYOFF = jnp.array([[11.0, -30.0, 0.0],
-                    [-30.0, 7.0, 6.0],
-                    [0.0, 0.0, 5.0]])  # rows: agent 1's action, columns: agent 2's action
+PAYOFF = jnp.array(
+    [[11.0, -30.0, 0.0], [-30.0, 7.0, 6.0], [0.0, 0.0, 5.0]]
+)  # rows: agent 1's action, columns: agent 2's action
 
 
 def check_args(args: Args) -> None:
@@ -80,16 +78,29 @@ def check_args(args: Args) -> None:
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("num_seeds", "num_steps", "plays_per_step", "buffer_size", "batch_size", "obs_dim", "m_greedy",
-                 "m_uniform", "m_local", "argmax_batch_size"):
+    for name in (
+        "num_seeds",
+        "num_steps",
+        "plays_per_step",
+        "buffer_size",
+        "batch_size",
+        "obs_dim",
+        "m_greedy",
+        "m_uniform",
+        "m_local",
+        "argmax_batch_size",
+    ):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.seed <= 2**31 - args.num_seeds:  # the runs' seeds, --seed + i, go to the device as int32
-        raise SystemExit(f"error: --seed must be in [0, {2**31 - args.num_seeds}] with --num-seeds {args.num_seeds}, "
-                         f"got {args.seed}")
+        raise SystemExit(
+            f"error: --seed must be in [0, {2**31 - args.num_seeds}] with --num-seeds {args.num_seeds}, got {args.seed}"
+        )
     if args.buffer_size < args.plays_per_step:  # a step's plays would overwrite each other
-        raise SystemExit(f"error: --buffer-size must hold the {args.plays_per_step} plays written per step "
-                         f"(--plays-per-step), got {args.buffer_size}")
+        raise SystemExit(
+            f"error: --buffer-size must hold the {args.plays_per_step} plays written per step "
+            f"(--plays-per-step), got {args.buffer_size}"
+        )
     if not 0 <= args.learning_starts < args.num_steps:
         raise SystemExit(f"error: --learning-starts must be in [0, --num-steps), got {args.learning_starts}")
     if not 0.0 <= args.epsilon <= 1.0:
@@ -130,8 +141,7 @@ class VDN(nn.Module):
         return self.u1(jnp.concatenate([o1, a1[..., None]], -1)) + self.u2(jnp.concatenate([o2, a2[..., None]], -1))
 
     def utilities(self, o1, o2, a1, a2):
-        return (self.u1(jnp.concatenate([o1, a1[..., None]], -1)),
-                self.u2(jnp.concatenate([o2, a2[..., None]], -1)))
+        return (self.u1(jnp.concatenate([o1, a1[..., None]], -1)), self.u2(jnp.concatenate([o2, a2[..., None]], -1)))
 
 
 class JointQNetwork(nn.Module):
@@ -230,8 +240,9 @@ def make_train(args: Args, method: str):
                 ab = jax.random.randint(k_arg_batch, (args.argmax_batch_size,), 0, jnp.minimum((t + 1) * P, C))
                 po1, po2 = buf["o1"][ab], buf["o2"][ab]
                 d1, d2 = predictor.apply(p_params[0], po1), predictor.apply(p_params[1], po2)
-                t1, t2 = qmle_argmax_targets(q_params, k_arg, po1, po2, d1, d2, args.m_uniform, args.m_local,
-                                             args.local_std)
+                t1, t2 = qmle_argmax_targets(
+                    q_params, k_arg, po1, po2, d1, d2, args.m_uniform, args.m_local, args.local_std
+                )
                 grads = (jax.grad(predictor_loss)(p_params[0], po1, t1), jax.grad(predictor_loss)(p_params[1], po2, t2))
                 updates, p_state = opt.update(grads, p_state)
                 p_params = optax.apply_updates(p_params, updates)
@@ -257,22 +268,44 @@ def plot_curves(curves, learning_starts, path):
     fig, (table, ax) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw=dict(width_ratios=[1, 2.4]))
     table.imshow(np.asarray(PAYOFF), cmap="RdBu", vmin=-30, vmax=30)  # the game itself, as the paper shows it
     for (i, j), value in np.ndenumerate(np.asarray(PAYOFF)):
-        table.text(j, i, f"{value:g}", ha="center", va="center", fontsize=13, weight="bold" if value == 11 else None,
-                   color="white" if value < 0 else "black")  # legible on the dark cells
+        table.text(
+            j,
+            i,
+            f"{value:g}",
+            ha="center",
+            va="center",
+            fontsize=13,
+            weight="bold" if value == 11 else None,
+            color="white" if value < 0 else "black",
+        )  # legible on the dark cells
     thirds = ["[-1, -1/3)", "[-1/3, 1/3)", "[1/3, 1]"]
-    table.set(xticks=range(3), yticks=range(3), xticklabels=thirds, yticklabels=thirds, title="payoff",
-              xlabel="agent 2's action", ylabel="agent 1's action")
+    table.set(
+        xticks=range(3),
+        yticks=range(3),
+        xticklabels=thirds,
+        yticklabels=thirds,
+        title="payoff",
+        xlabel="agent 2's action",
+        ylabel="agent 1's action",
+    )
     table.tick_params(labelsize=7)
-    for method, colour, label in (("vdn", "tab:gray", "VDN (Q = U1 + U2)"),  # QMLE is blue in every figure
-                                  ("qmle", "tab:blue", "QMLE (joint Q, decentralised arg-max predictors)")):
+    for method, colour, label in (
+        ("vdn", "tab:gray", "VDN (Q = U1 + U2)"),  # QMLE is blue in every figure
+        ("qmle", "tab:blue", "QMLE (joint Q, decentralised arg-max predictors)"),
+    ):
         c = curves[method]
         ax.plot(c.T, color=colour, alpha=0.25, lw=0.8)
         ax.plot(c.mean(0), color=colour, lw=2.2, label=f"{label}, mean of {len(c)} seeds")
     for level in (5, 7, 11):
         ax.axhline(level, color="grey", ls=":", lw=0.8)
     ax.axvline(learning_starts, color="k", ls="--", lw=0.8, label="end of uniformly random play")
-    ax.set(xlabel="training step", ylabel="reward of the greedy joint action", ylim=(-32, 13),
-           yticks=[-30, -20, -10, 0, 5, 7, 11], title="Continuous climbing game")
+    ax.set(
+        xlabel="training step",
+        ylabel="reward of the greedy joint action",
+        ylim=(-32, 13),
+        yticks=[-30, -20, -10, 0, 5, 7, 11],
+        title="Continuous climbing game",
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -283,7 +316,7 @@ def main(args: Args):
     try:
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as error:
-        raise SystemExit(f"error: --output-dir {args.output_dir} cannot be created: {error.strerror}")
+        raise SystemExit(f"error: --output-dir {args.output_dir} cannot be created: {error.strerror}") from None
     start = time.time()
     curves = run_all(args)
     plot_curves(curves, args.learning_starts, os.path.join(args.output_dir, "climbing_game.png"))
@@ -291,62 +324,15 @@ def main(args: Args):
     with open(os.path.join(args.output_dir, "climbing_results.json"), "w") as f:
         json.dump(results, f, indent=2)
     for m, finals in results.items():
-        print(f"{m:>5}: final greedy reward per seed {[round(r, 2) for r in finals]}; "
-              f"{sum(r == 11 for r in finals)}/{len(finals)} seeds at 11, {sum(r == 5 for r in finals)} at 5")
+        print(
+            f"{m:>5}: final greedy reward per seed {[round(r, 2) for r in finals]}; "
+            f"{sum(r == 11 for r in finals)}/{len(finals)} seeds at 11, {sum(r == 5 for r in finals)} at 5"
+        )
     print(f"wrote {args.output_dir}/climbing_game.png, climbing_results.json in {time.time() - start:.1f} s")
 
 
-def check_whole_numbers(cls, argv: list) -> None:
-    """Refuse a whole-number flag given `nan`, `inf` or `1.5` with one line and status 1, as every other bad input
-    is refused (tyro would answer with a boxed message and status 2). Values follow their flag, up to the next flag
-    (`--seeds 1 2`), or its `=` (`--seed=1`); `None` is a value of Optional[int] flags."""
-    whole = {"--" + name.replace("_", "-"): type(None) in get_args(hint) for name, hint in get_type_hints(cls).items()
-             if int in (hint, *get_args(hint))}  # flag -> whether None is allowed
-    name = None
-    for arg in argv:
-        if arg.startswith("--") or arg == "-h":
-            name, _, value = arg.partition("=")
-            name = name.replace("_", "-")
-        else:
-            value = arg
-        if name in whole and value and not (whole[name] and value == "None"):
-            try:
-                int(value)
-            except ValueError:
-                raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
-
-
-def tyro_complaint(boxed: str) -> str:
-    """tyro's boxed refusal of a command line as one line: its message, and the flags it suggests if any. The box is
-    drawn in line-drawing characters, or in ASCII (`-`, `|`, `+`) where the output's encoding has none."""
-    border = set(" -|+\u2500\u2502\u256d\u256e\u256f\u2570")
-    lines = [line.strip(" |\u2502") for line in boxed.splitlines() if not set(line) <= border]
-    message, suggested, part = [], [], "message"
-    for line in lines[1:]:  # the first is the box's title
-        if line.startswith(("Argument helptext", "For full helptext")):
-            part = "done"
-        elif line.startswith("Perhaps you meant"):
-            part = "suggestions"
-        elif part == "message":
-            message.append(line)
-        elif part == "suggestions" and re.match(r"--[\w-]+$", line.split()[0]):
-            suggested.append(line.split()[0])
-    said = " ".join(message) or "the command line could not be read (see --help)"
-    return said + (f" (did you mean {', '.join(suggested)}?)" if suggested else "")
-
-
-def parse_command_line(cls):
-    """The command line as a `cls`, every refusal one `error:` line and status 1 (tyro's own are boxes, status 2)."""
-    check_whole_numbers(cls, sys.argv[1:])
-    boxed = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(boxed):
-            return tyro.cli(cls)
-    except SystemExit as exit_:
-        if not exit_.code:  # --help, printed on stdout
-            raise
-        raise SystemExit(f"error: {tyro_complaint(boxed.getvalue())}") from None
-
-
 if __name__ == "__main__":
-    main(parse_command_line(Args))
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head -1` ends quietly, as other commands do
+    parsed = tyro.cli(Args)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    main(parsed)

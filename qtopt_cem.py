@@ -1,350 +1,107 @@
 """QT-Opt: Q-learning with cross-entropy-method maximisation, on the DeepMind Control Suite.
 
-max_a Q(s, a) is approximated by the cross-entropy method (CEM): sample actions from a Gaussian over the
-action box, evaluate an action-in Q network on them, keep the elites, refit the Gaussian's mean and std
-(with a floor), repeat, and take the best sample seen. The TD target is clipped double Q with two lagged
-target networks: the minimum of the two at the CEM arg-max of the first. Epsilon-greedy exploration around
-the CEM action, uniform or prioritised replay; the Q network is qmle_dmc.py's, so only the maximiser differs.
+max_a Q(s, a) is approximated by the cross-entropy method (CEM): sample actions from a Gaussian over the action box,
+evaluate Q on them, refit the Gaussian to the best (its std floored), repeat, and take the best sample seen. The TD
+target is clipped double Q: the minimum of two lagged target networks at the first one's CEM arg-max. The Q network is
+qmle_dmc.py's, so that only the maximiser differs. Kalashnikov et al., "QT-Opt: Scalable Deep Reinforcement Learning
+for Vision-Based Robotic Manipulation", CoRL 2018 (64 samples, 6 elites, 2 iterations); docs/qtopt_cem.md.
 
-Paper: Kalashnikov et al., "QT-Opt: Scalable Deep Reinforcement Learning for Vision-Based Robotic
-Manipulation", CoRL 2018 (arXiv 1806.10293): clipped double Q and CEM (64 samples, 6 elites, 2 iterations).
-The baseline that QMLE is compared against (Tavakoli et al. 2025); its headline setting here:
-
-    python qtopt_cem.py --env-id walker-walk
+    python qtopt_cem.py --env-id walker-walk   # the baseline QMLE is compared against (Tavakoli et al. 2025)
 """
 
-import contextlib
-import csv
+import collections
 import ctypes.util
 import functools
-import io
-import itertools
 import json
 import math
 import os
 import re
-
-# Offscreen rendering (only --capture-video renders) through EGL where its library is installed, else none:
-# dm_control loads the renderer MUJOCO_GL names when it is imported, and fails there if the library is missing.
-MUJOCO_GL_GIVEN = "MUJOCO_GL" in os.environ
-os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else "disable")
-os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # classic-control tasks render through pygame: no window
 import signal
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, get_args, get_type_hints
+from typing import Any, NamedTuple, Optional
 
+# dm_control picks its renderer when imported: EGL where installed (only --capture-video renders), else none.
+os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else "disable")
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # classic-control tasks render through pygame: no window
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/qmle-jax/xla"))  # JAX's disk cache:
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # a second run of a configuration starts fast
 import flax.linen as nn
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-try:
-    import shimmy  # noqa: F401  (importing it registers the dm_control/* Gymnasium ids)
-except ModuleNotFoundError:
-    raise
-except Exception as import_error:  # a renderer this machine cannot start (libEGL without a usable EGL device)
-    raise SystemExit(f"error: dm_control cannot be imported with MUJOCO_GL={os.environ['MUJOCO_GL']!r}"
-                     f"{'' if MUJOCO_GL_GIVEN else ' (chosen because libEGL is installed)'}: "
-                     f"{type(import_error).__name__}: {str(import_error).rstrip('.')}; "
-                     "MUJOCO_GL=disable runs without a renderer (no --capture-video)")
 import tyro
 from flax.training.train_state import TrainState
 
-# DeepMind Control declares float64 boxes; casting them to our float32 observations is intended.
-warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+try:
+    import shimmy  # noqa: F401  (registers the dm_control/* Gymnasium ids)
+except ModuleNotFoundError:
+    raise
+except Exception as e:  # a renderer this machine has but cannot start
+    sys.exit(f"error: dm_control cannot start with MUJOCO_GL={os.environ['MUJOCO_GL']} ({e}); MUJOCO_GL=disable runs")
+warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")  # DMC's float64 boxes
 
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (part of the run name)"""
-    seed: int = 1
-    """seed of the experiment: environment, exploration and network initialisation"""
-    track: bool = False
-    """log the run to Weights & Biases"""
-    wandb_project_name: str = "qmle-jax"
-    """the Weights & Biases project"""
-    wandb_entity: Optional[str] = None
-    """the Weights & Biases entity (team)"""
-    capture_video: bool = False
-    """record videos of the evaluation episodes to runs/{run_name}/videos (renders offscreen: EGL, or the
-    renderer MUJOCO_GL names; needs moviepy)"""
-    save_model: bool = False
-    """save the parameters, with the settings that give them meaning, to runs/{run_name}/{exp_name}.npz at the end
-    (before the final evaluation; a run that stops early saves them too)"""
-    load_model: Optional[str] = None
-    """path of a saved model: evaluate it greedily for --eval-episodes episodes instead of training"""
+    env_id: str = "walker-walk"  # DeepMind Control task `domain-task` (e.g. dog-walk) or a Gymnasium Box-action id
+    total_timesteps: int = 100_000  # environment steps to train for
+    learning_rate: float = 5e-4  # Adam step size
+    buffer_size: int = 1_000_000  # replay memory capacity in transitions
+    gamma: float = 0.99  # discount factor
+    batch_size: int = 256  # transitions per update
+    learning_starts: int = 1000  # environment steps before the first update
+    train_frequency: int = 10  # environment steps between updates
+    target_network_frequency: int = 200  # steps between target copies: Q into the first, the first into the second
+    epsilon: float = 0.1  # probability of a uniformly random action while training
+    prioritized_replay: bool = True  # proportional prioritised replay (--no-prioritized-replay: uniform)
+    priority_exponent: float = 0.6  # alpha: how strongly priorities skew sampling
+    importance_exponent: float = 0.2  # beta: strength of the importance-sampling correction
+    priority_epsilon: float = 1e-6  # added to |TD error|, so that no transition has zero priority
+    cem_samples: int = 64  # actions CEM samples and evaluates per iteration (paper: 64; TF-Agents: 32)
+    cem_elites: int = 6  # highest-Q samples the Gaussian is refitted to (paper: 6; TF-Agents: 4)
+    cem_iterations: int = 2  # sample-and-refit rounds (paper: 2; TF-Agents: 3)
+    cem_min_std: float = 0.01  # floor on each dimension's refitted std (TF-Agents: minimum variance 1e-4)
 
-    env_id: str = "walker-walk"
-    """DeepMind Control id `domain-task` (e.g. dog-walk, cartpole-swingup) or a Gymnasium Box-action id"""
-    total_timesteps: int = 100_000
-    """environment steps to train for"""
-    learning_rate: float = 5e-4
-    """Adam step size"""
-    buffer_size: int = 1_000_000
-    """replay memory capacity in transitions"""
-    gamma: float = 0.99
-    """discount factor"""
-    batch_size: int = 256
-    """transitions per update"""
-    learning_starts: int = 1000
-    """environment steps before the first update"""
-    train_frequency: int = 10
-    """environment steps between updates"""
-    target_network_frequency: int = 200
-    """environment steps between target copies: Q into the first target, the first into the second"""
-    epsilon: float = 0.1
-    """probability of a uniformly random action while training"""
-    prioritized_replay: bool = True
-    """proportional prioritised replay; --no-prioritized-replay samples uniformly"""
-    priority_exponent: float = 0.6
-    """alpha: how strongly priorities skew sampling"""
-    importance_exponent: float = 0.2
-    """beta: strength of the importance-sampling correction"""
-    priority_epsilon: float = 1e-6
-    """added to abs TD error so no transition gets zero priority"""
-
-    cem_samples: int = 64
-    """actions CEM samples and evaluates per iteration (paper: 64; TF-Agents: 32)"""
-    cem_elites: int = 6
-    """highest-Q samples the Gaussian is refitted to (paper: 6; TF-Agents: 4)"""
-    cem_iterations: int = 2
-    """sample-and-refit rounds (paper: 2; TF-Agents: 3)"""
-    cem_min_std: float = 0.01
-    """floor on each dimension's refitted std (TF-Agents: minimum variance 1e-4, i.e. std 0.01)"""
-
-    num_envs: int = 1
-    """environments stepped together, one process each when > 1; the update-to-data ratio stays one update per
-    --train-frequency environment steps counted over all of them (the paper: 1)"""
-    checkpoint_frequency: int = 0
-    """environment steps between checkpoints of the whole run to runs/{run_name}/checkpoint/, which is written
-    when the run ends or stops early too (0 = off)"""
-    resume: Optional[str] = None
-    """runs/{run_name} of a checkpointed run: continue it there, with its own settings (--total-timesteps, the
-    checkpoint, evaluation and logging flags may change)"""
-    xla_cache: str = "~/.cache/qmle-jax/xla"
-    """persistent XLA compilation cache, so that a second run of the same configuration starts at once ('' = off)"""
-    eval_frequency: int = 10_000
-    """environment steps between greedy evaluations (0 = never)"""
-    eval_episodes: int = 1
-    """episodes per greedy evaluation"""
-    log_frequency: int = 1000
-    """environment steps between console and metrics lines"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's
+    seed: int = 1  # seed of the environments, the exploration and the initialisation
+    num_envs: int = 1  # environments stepped together, a process each when > 1 (one update per train_frequency)
+    track: bool = False  # log the run to Weights & Biases
+    wandb_project_name: str = "qmle-jax"  # the Weights & Biases project
+    wandb_entity: Optional[str] = None  # the Weights & Biases entity (team)
+    capture_video: bool = False  # record the evaluation episodes to runs/{run}/videos (offscreen; needs moviepy)
+    save_model: bool = False  # save the parameters, with what gives them meaning, to runs/{run}/{exp_name}.npz
+    load_model: Optional[str] = None  # a saved model to evaluate for --eval-episodes episodes instead of training
+    checkpoint_frequency: int = 0  # steps between checkpoints of the whole run, also written when it stops (0: off)
+    resume: Optional[str] = None  # a checkpointed run's folder (runs/{run}) to continue with its own settings
+    eval_frequency: int = 10_000  # environment steps between greedy evaluations (0: never)
+    eval_episodes: int = 1  # episodes per greedy evaluation
+    log_frequency: int = 1000  # environment steps between console and metrics lines
 
 
-def check_args(args: Args) -> None:
-    """Reject settings that would crash later or silently train something else."""
-    for name, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            fail(f"--{flag(name)} must be a finite number, got {value}")
-    at_least = dict(total_timesteps=1, cem_samples=1, cem_elites=1, cem_iterations=1, batch_size=1, train_frequency=1,
-                    num_envs=1, target_network_frequency=1, eval_episodes=1, log_frequency=1)
-    at_least_zero = dict(learning_starts=0, eval_frequency=0, checkpoint_frequency=0, cem_min_std=0.0,
-                         priority_exponent=0.0, importance_exponent=0.0)
-    for name, low in {**at_least, **at_least_zero}.items():
-        if getattr(args, name) < low:
-            fail(f"--{flag(name)} must be >= {low}, got {getattr(args, name)}")
-    for name in ("gamma", "epsilon"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            fail(f"--{flag(name)} must be in [0, 1], got {getattr(args, name)}")
-    if args.cem_elites > args.cem_samples:
-        fail(f"--cem-elites must be <= --cem-samples ({args.cem_samples}), got {args.cem_elites}")
-    if args.learning_rate <= 0:
-        fail(f"--learning-rate must be > 0, got {args.learning_rate}")
-    if args.prioritized_replay and args.priority_epsilon <= 0:
-        fail(f"--priority-epsilon must be > 0 with prioritised replay, got {args.priority_epsilon}")
-    if args.buffer_size < math.lcm(args.num_envs, args.train_frequency):
-        fail(f"--buffer-size must hold the {math.lcm(args.num_envs, args.train_frequency)} transitions written per "
-             f"update (lcm of --num-envs and --train-frequency), got {args.buffer_size}")
-    if args.gamma == 1.0:
-        print(f"warning: --gamma 1 does not discount: on {args.env_id}, Q grows without bound unless every episode "
-              "ends in a terminal state (a time limit is not one)", file=sys.stderr)
-    if args.load_model is not None and not os.path.isfile(args.load_model):
-        fail(f"--load-model: no such file: {args.load_model}")
-
-
-def flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def fail(message: str) -> None:
-    raise SystemExit(f"error: {message}")
-
-
-SCRIPT = os.path.basename(__file__)
-MODEL_SETTINGS = ("env_id",)  # what a saved model's shapes and meaning depend on, besides the script
-RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_frequency", "resume", "xla_cache", "track", "wandb_project_name",
-                     "wandb_entity", "capture_video", "save_model", "eval_frequency", "eval_episodes", "log_frequency")
-
-
-def dmc_gym_id(env_id: str) -> Optional[str]:
-    """`walker-walk` -> `dm_control/walker-walk-v0` when it names a suite task, else None."""
-    from dm_control import suite
-
-    return f"dm_control/{env_id}-v0" if tuple(env_id.split("-", 1)) in suite.ALL_TASKS else None
-
-
-def make_env(env_id: str, seed: int, render: bool = False) -> gym.Env:
-    """A Gymnasium env with float32 flat observations and actions rescaled to [-1, 1]."""
-    gym_id = dmc_gym_id(env_id) or env_id
-    if gym_id not in gym.registry:
-        from dm_control import suite
-
-        dmc = ", ".join(f"{d}-{t}" for d, t in suite.ALL_TASKS)
-        fail(f"unknown --env-id {env_id!r}; DeepMind Control ids: {dmc}; or any Gymnasium id with Box actions")
-    try:  # a registered id can still fail to build: a missing extra (Box2D), an id moved to another package
-        env = gym.make(gym_id, render_mode="rgb_array" if render else None)
-    except Exception as error:
-        reason = (str(error).strip().splitlines() or [""])[0]
-        fail(f"--env-id {env_id!r} is registered but cannot be made: {type(error).__name__}: {reason}")
-    if not isinstance(env.action_space, gym.spaces.Box) or len(env.action_space.shape) != 1:
-        fail(f"--env-id {env_id!r} has {env.action_space} actions; {SCRIPT} needs a one-dimensional Box")
-    observations = env.observation_space
-    try:
-        env = gym.wrappers.FlattenObservation(env)
-        flat = isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
-    except Exception:
-        flat = False
-    if not flat:
-        fail(f"--env-id {env_id!r} has {observations} observations, which do not flatten to a vector")
-    env = gym.wrappers.DtypeObservation(env, np.float32)
-    env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # CEM's Gaussian lives in [-1, 1]^D
-    env = gym.wrappers.RecordEpisodeStatistics(env)
-    env.action_space.seed(seed)
-    return env
-
-
-def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
-    """make_env(env_id, seed + i) for i < num_envs, in this process for one, one process each for more. Same-step
-    autoreset: an episode's last observation comes in infos["final_obs"], the next one's first in its place."""
-    fns = [functools.partial(make_worker_env if num_envs > 1 else make_env, env_id, seed + i) for i in range(num_envs)]
-    # Workers are forked before this process has started JAX (main builds them first), so no JAX thread is
-    # copied into them; they only ever step their environment.
-    vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
-    return vector(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-
-
-def make_worker_env(env_id: str, seed: int) -> gym.Env:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the trainer decides
-    return make_env(env_id, seed)
-
-
-# === replay buffer: begin (identical in every agent script) ===
-class ReplayBuffer(NamedTuple):
-    """Device-resident replay memory, a pytree that jitted code reads and writes.
-
-    `storage` is the transition pytree with a leading capacity axis. `tree` is a sum-tree of sampling
-    weights (priority ** alpha) laid out heap-style: slot 1 is the root (the total), slot i has children
-    2i and 2i + 1, and leaf j sits in slot `leaves + j`. Parents are always recomputed from their
-    children, so float32 rounding never accumulates however long the run.
-    """
-
-    storage: Any
-    tree: jax.Array
-    max_weight: jax.Array  # the weight new transitions get: the largest seen, so each is replayed soon
-    cursor: jax.Array
-    size: jax.Array
-
-
-def buffer_init(example_transition: Any, capacity: int) -> ReplayBuffer:
-    leaves = 1 << max(capacity - 1, 1).bit_length()
-    storage = jax.tree.map(lambda x: jnp.zeros((capacity, *jnp.shape(x)), jnp.asarray(x).dtype), example_transition)
-    return ReplayBuffer(storage, jnp.zeros(2 * leaves, jnp.float32), jnp.ones((), jnp.float32),
-                        cursor=jnp.zeros((), jnp.int32), size=jnp.zeros((), jnp.int32))
-
-
-def _tree_set(tree: jax.Array, index: jax.Array, weight: jax.Array) -> jax.Array:
-    leaves = tree.shape[0] // 2
-    node = index + leaves
-    tree = tree.at[node].set(weight)
-    for _ in range(leaves.bit_length() - 1):
-        node = node // 2
-        tree = tree.at[node].set(tree[2 * node] + tree[2 * node + 1])
-    return tree
-
-
-def buffer_add(buffer: ReplayBuffer, transitions: Any) -> ReplayBuffer:
-    """Write a chunk of transitions (leading axis n) at the cursor, overwriting the oldest when full."""
-    capacity = jax.tree.leaves(buffer.storage)[0].shape[0]
-    n = jax.tree.leaves(transitions)[0].shape[0]
-    index = (buffer.cursor + jnp.arange(n)) % capacity
-    storage = jax.tree.map(lambda s, x: s.at[index].set(x), buffer.storage, transitions)
-    tree = _tree_set(buffer.tree, index, jnp.full(n, buffer.max_weight))
-    return buffer._replace(storage=storage, tree=tree, cursor=(buffer.cursor + n) % capacity,
-                           size=jnp.minimum(buffer.size + n, capacity))
-
-
-def buffer_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int, prioritized: bool, beta: float,
-                  stratified: bool = True):
-    """Returns (indices, transitions, importance weights normalised to max 1 within the batch).
-
-    Proportional sampling is stratified by default: one draw from each of `batch_size` equal slices of the
-    total, which spreads a batch over the buffer; stratified=False draws each point from the whole total
-    (Stable-Baselines, as the QMLE release does).
-    """
-    if not prioritized:
-        index = jax.random.randint(key, (batch_size,), 0, buffer.size)
-        return index, jax.tree.map(lambda s: s[index], buffer.storage), jnp.ones(batch_size, jnp.float32)
-    leaves = buffer.tree.shape[0] // 2
-    total = buffer.tree[1]
-    uniform = jax.random.uniform(key, (batch_size,))
-    target = (jnp.arange(batch_size) + uniform) * (total / batch_size) if stratified else uniform * total
-    node = jnp.ones(batch_size, jnp.int32)
-    for _ in range(leaves.bit_length() - 1):
-        left = buffer.tree[2 * node]
-        go_right = target >= left
-        target = jnp.where(go_right, target - left, target)
-        node = 2 * node + go_right
-    index = jnp.minimum(node - leaves, buffer.size - 1)  # float rounding can step past the last leaf
-    probability = buffer.tree[index + leaves] / total
-    weights = (buffer.size * probability) ** -beta
-    return index, jax.tree.map(lambda s: s[index], buffer.storage), weights / weights.max()
-
-
-def buffer_update(buffer: ReplayBuffer, index: jax.Array, priority: Optional[jax.Array] = None,
-                  alpha: float = 1.0, **fields: jax.Array) -> ReplayBuffer:
-    """Write back new priorities (raised to alpha here) and/or new values of stored fields at `index`."""
-    storage = dict(buffer.storage, **{k: buffer.storage[k].at[index].set(v) for k, v in fields.items()})
-    if priority is None:
-        return buffer._replace(storage=storage)
-    weight = priority.astype(jnp.float32) ** alpha
-    return buffer._replace(storage=storage, tree=_tree_set(buffer.tree, index, weight),
-                           max_weight=jnp.maximum(buffer.max_weight, weight.max()))
-# === replay buffer: end ===
-
-
-# PyTorch nn.Linear's default weight scale, U(+-1/sqrt(fan_in)), as in the authors' release; Flax's default (LeCun
-# normal, sqrt(3) times larger) learned walker-walk slower here. Biases start at zero. The split joint layer's two
-# halves draw at their own fan-in (128 each), not at the 256 of the release's single layer: that is what was measured.
+# ---- the algorithm: network, CEM, clipped double-Q target, update ----
+# PyTorch's nn.Linear weight scale, U(+-1/sqrt(fan_in)), as in the authors' QMLE release (Flax's LeCun normal learned
+# walker-walk slower). Biases start at zero, and each half of the split joint layer draws at its own fan-in.
 Dense = functools.partial(nn.Dense, kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
 
 
-class ResidualBlock(nn.Module):
-    """x + W2 relu(W1 x): a residual block of two dense layers, width preserved, in the authors' release's
-    form (the LayerNorm after it normalises the sum). Its input is used as it is, negative half included; a
-    ReLU in front of W1 (the pre-activation form) learned walker-walk markedly slower here."""
-
+class ResidualBlock(nn.Module):  # x + W2 relu(W1 x), the release's form (a pre-activation ReLU learned slower)
     features: int
 
     @nn.compact
     def __call__(self, x):
-        h = Dense(self.features)(x)
+        h = Dense(self.features)(x)  # Dense_0, made before Dense_1: the names hold the parameters
         return x + Dense(self.features)(nn.relu(h))
 
 
 class QNetwork(nn.Module):
-    """qmle_dmc.py's action-in Q network (QMLE paper, Appendix B.1) without its arg-max predictors.
-
-    Q(s, a) = head(LN-ELU(joint_block(concat(obs_stream(s), action_stream(a))))). The observation stream
-    is computed once per state and broadcast over that state's candidates; the joint block's first layer
-    is split into its observation and action halves (the same linear map as on the concatenation), so the
-    observation half is a per-state product, not a per-candidate one.
-    """
+    """qmle_dmc.py's Q(s, a) = head(LN-ELU(joint(concat(obs_stream(s), action_stream(a))))) without its predictors.
+    The stream, and the observation half of the joint block's first layer, are computed once per state and broadcast
+    over that state's candidate actions."""
 
     action_dim: int
 
@@ -362,15 +119,12 @@ class QNetwork(nn.Module):
 
     def q_values(self, embedding, actions):  # [..., 128], [..., M, D] -> [..., M]
         a = nn.elu(self.act_norm(self.act_embed(actions)))
-        h = self.joint_in_obs(embedding)[..., None, :] + self.joint_in_act(a)
-        h = self.joint_out(nn.relu(h))
+        h = self.joint_out(nn.relu(self.joint_in_obs(embedding)[..., None, :] + self.joint_in_act(a)))
         x = jnp.concatenate([jnp.broadcast_to(embedding[..., None, :], a.shape), a], axis=-1)
         return self.q_head(nn.elu(self.joint_norm(x + h)))[..., 0]
 
 
-class CEM(NamedTuple):
-    """Settings of the cross-entropy method (static under jit)."""
-
+class CEM(NamedTuple):  # the cross-entropy method's settings
     samples: int
     elites: int
     iterations: int
@@ -378,15 +132,9 @@ class CEM(NamedTuple):
 
 
 def cem_maximise(q_fn, key, batch: int, dim: int, cem: CEM):
-    """Approximate arg-max over [-1, 1]^dim of q_fn ([B, N, D] -> [B, N]) for B states at once.
-
-    Each state starts from a Gaussian with mean 0 and std 1 per dimension. Each iteration samples N
-    actions (clipped to the box), evaluates them all in one call, keeps the `elites` highest and refits
-    mean and std to them (vmapped over states), the std floored at `min_std`. The answer is the best sample
-    seen in any iteration, not the final mean, which Q never evaluated. Meant to run inside jit.
-
-    Returns (arg-max [B, D], its Q [B], final std [B, D], best Q of the first iteration [B]).
-    """
+    """Approximate arg-max over [-1, 1]^dim of q_fn ([B, N, D] -> [B, N]) for B states, from N(0, 1) per dimension:
+    (the best sample of any iteration [B, D], not the final mean that Q never saw; its Q [B]; the final std [B, D];
+    the first iteration's best Q [B])."""
 
     def refit(samples, values):  # one state: [N, D], [N] -> mean, std, best sample, its value
         top_values, top = jax.lax.top_k(values, cem.elites)
@@ -407,79 +155,67 @@ def cem_maximise(q_fn, key, batch: int, dim: int, cem: CEM):
     return best, value, std, top_values[0]
 
 
-class QTOptState(TrainState):  # apply_fn unused (None): the model is passed to each jitted function instead
-    target_params: Any  # first target network: CEM's arg-max is taken under it
-    lagged_params: Any  # second target network, one copy older than the first
-
-
-@functools.cache
-def adam(learning_rate: float) -> optax.GradientTransformation:
-    """One optimizer object per learning rate. It sits in the train state's static part, so a second main() in one
-    process (the tests run many) finds the update already compiled instead of compiling it again."""
-    return optax.adam(learning_rate)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "cem"))
-def select_action(model: QNetwork, params, obs, key, epsilon, cem: CEM):
-    """CEM's approximate greedy actions under Q for each state, or with prob. epsilon a uniform one: obs [N, O] ->
-    (actions [N, D], CEM's final std averaged over dimensions per state, or -1 where the action was random)."""
-    k_cem, k_explore, k_random = jax.random.split(key, 3)
-    embedding = model.apply(params, obs, method=QNetwork.observation_stream)
-    q_fn = lambda a: model.apply(params, embedding, a, method=QNetwork.q_values)  # noqa: E731
-    greedy, _, std, _ = cem_maximise(q_fn, k_cem, obs.shape[0], model.action_dim, cem)
-    random_action = jax.random.uniform(k_random, greedy.shape, minval=-1.0, maxval=1.0)
-    explore = jax.random.uniform(k_explore, obs.shape[:1]) < epsilon
-    return jnp.where(explore[:, None], random_action, greedy), jnp.where(explore, -1.0, std.mean(-1))
-
-
 @functools.partial(jax.jit, static_argnames=("model", "cem"), donate_argnames=("greedy",))
 def act(model: QNetwork, params, obs, key, greedy, epsilon, cem: CEM):
-    """The training loop's one device call per step: the actions for all N environments, the next loop key
-    and the update's key, and CEM's final std summed over the greedy actions, with their count, on the device
-    (greedy = [sum, count], read at log steps only; random actions count in neither)."""
+    """CEM's greedy action, or with probability epsilon a uniform one, for N states: the loop's one device call per
+    step. Also the next keys, and into `greedy` CEM's final std summed over the greedy actions, and their count."""
     key, k_act, k_update = jax.random.split(key, 3)
-    actions, std = select_action(model, params, obs, k_act, epsilon, cem)
-    was_greedy = std >= 0
-    return actions, key, k_update, greedy + jnp.stack([jnp.where(was_greedy, std, 0.0).sum(), was_greedy.sum()])
+    k_cem, k_explore, k_random = jax.random.split(k_act, 3)
+    embedding = model.apply(params, obs, method=QNetwork.observation_stream)
+    q_fn = lambda a: model.apply(params, embedding, a, method=QNetwork.q_values)
+    best, _, std, _ = cem_maximise(q_fn, k_cem, obs.shape[0], model.action_dim, cem)
+    random_action = jax.random.uniform(k_random, best.shape, minval=-1.0, maxval=1.0)
+    explore = jax.random.uniform(k_explore, obs.shape[:1]) < epsilon
+    counts = jnp.stack([jnp.where(explore, 0.0, std.mean(-1)).sum(), (~explore).sum()])
+    return jnp.where(explore[:, None], random_action, best), key, k_update, greedy + counts
 
 
 def q_over_candidates(model: QNetwork, params, embedding, candidates, states_per_chunk: int = 32):
-    """Q of every candidate of every state: [B, 128], [B, M, D] -> [B, M].
-
-    Evaluated a few states at a time, as in qmle_dmc.py (where it halves the target's time on a CPU): each
-    chunk's activations (32 x 64 x 256 floats at the defaults) stay in cache between the matmuls.
-    """
+    """Q of every candidate of every state, [B, 128], [B, M, D] -> [B, M], a few states at a time: each chunk's
+    activations stay in cache between the matmuls (as in qmle_dmc.py, where that halves the time on a CPU)."""
     batch = embedding.shape[0]
     chunk = np.gcd(batch, states_per_chunk)
-    split = lambda x: x.reshape(batch // chunk, chunk, *x.shape[1:])  # noqa: E731
-    q = jax.lax.map(lambda xs: model.apply(params, *xs, method=QNetwork.q_values),
-                    (split(embedding), split(candidates)))
-    return q.reshape(batch, -1)
+    chunks = [x.reshape(batch // chunk, chunk, *x.shape[1:]) for x in (embedding, candidates)]
+    return jax.lax.map(lambda xs: model.apply(params, *xs, method=QNetwork.q_values), chunks).reshape(batch, -1)
 
 
 def clipped_double_q(model: QNetwork, target_params, lagged_params, next_obs, key, cem: CEM):
-    """QT-Opt's target value: min(Q1(s', a*), Q2(s', a*)), a* = CEM's arg-max of Q1 at s'.
-
-    Returns (the value [B], a* [B, D], diagnostics of the search and of the clipping)."""
+    """QT-Opt's target value min(Q1, Q2)(s', a*), a* CEM's arg-max of the first target network Q1 at s'; and how the
+    search and the clipping went."""
     embedding = model.apply(target_params, next_obs, method=QNetwork.observation_stream)
     q_fn = functools.partial(q_over_candidates, model, target_params, embedding)
     argmax, q1, std, first_best = cem_maximise(q_fn, key, next_obs.shape[0], model.action_dim, cem)
-    q2 = model.apply(lagged_params, next_obs, argmax[:, None])[:, 0]
-    value = jnp.minimum(q1, q2)
-    diagnostics = {"cem/target_final_std": std.mean(), "cem/target_gain": jnp.mean(q1 - first_best),
-                   "losses/clip_gap": jnp.mean(q1 - value)}
-    return value, argmax, diagnostics
+    value = jnp.minimum(q1, model.apply(lagged_params, next_obs, argmax[:, None])[:, 0])
+    gain, gap = jnp.mean(q1 - first_best), jnp.mean(q1 - value)  # what CEM's later iterations won; what clipping took
+    return value, {"cem/target_final_std": std.mean(), "cem/target_gain": gain, "losses/clip_gap": gap}
 
 
-def gradient_step(model: QNetwork, state: QTOptState, buffer: ReplayBuffer, key, *, gamma: float, batch_size: int,
-                  cem: CEM, prioritized: bool, alpha: float, beta: float, priority_epsilon: float):
-    """QT-Opt's replay step: sample, compute clipped double-Q targets with CEM, write priorities back, take one
-    Adam step on the IS-weighted TD loss."""
+UpdateConfig = collections.namedtuple(
+    "UpdateConfig",
+    "cem updates gamma batch_size prioritized_replay priority_exponent importance_exponent priority_epsilon",
+)  # the update's settings: one static argument
+
+
+class QTOptState(TrainState):  # apply_fn unused (None): the model is passed to each jitted function
+    target_params: Any  # the first target network: CEM's arg-max is taken under it
+    lagged_params: Any  # the second, one copy older than the first
+
+
+@functools.cache
+def adam(learning_rate: float):  # one optimizer per rate, so that a second run in one process compiles nothing
+    return optax.adam(learning_rate)
+
+
+def gradient_step(model: QNetwork, state: QTOptState, buffer, key, cfg: UpdateConfig):
+    """QT-Opt's replay step: sample, the clipped double-Q target with CEM, priorities written back, one Adam step on
+    the importance-weighted TD loss."""
     k_sample, k_target = jax.random.split(key)
-    index, batch, weights = buffer_sample(buffer, k_sample, batch_size, prioritized, beta)
-    next_q, _, diagnostics = clipped_double_q(model, state.target_params, state.lagged_params, batch["next_obs"],
-                                              k_target, cem)
-    td_target = batch["reward"] + gamma * (1.0 - batch["terminated"]) * next_q
+    prioritized = cfg.prioritized_replay
+    index, batch, weights = buffer_sample(buffer, k_sample, cfg.batch_size, prioritized, cfg.importance_exponent)
+    next_q, metrics = clipped_double_q(
+        model, state.target_params, state.lagged_params, batch["next_obs"], k_target, cfg.cem
+    )
+    td_target = batch["reward"] + cfg.gamma * (1.0 - batch["terminated"]) * next_q
 
     def loss_fn(params):
         embedding = model.apply(params, batch["obs"], method=QNetwork.observation_stream)
@@ -488,473 +224,465 @@ def gradient_step(model: QNetwork, state: QTOptState, buffer: ReplayBuffer, key,
         return jnp.mean(weights * td_error**2), (td_error, q)
 
     (td_loss, (td_error, q)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    buffer = buffer_update(buffer, index, jnp.abs(td_error) + priority_epsilon if prioritized else None, alpha)
-    metrics = {"losses/td_loss": td_loss, "losses/q_values": q.mean(), **diagnostics}
+    priority = jnp.abs(td_error) + cfg.priority_epsilon if prioritized else None
+    buffer = buffer_update(buffer, index, priority, cfg.priority_exponent)
+    metrics.update({"losses/td_loss": td_loss, "losses/q_values": q.mean()})
     return state.apply_gradients(grads=grads), buffer, metrics
 
 
-@functools.partial(jax.jit, donate_argnames=("buffer",), static_argnames=(
-    "model", "updates", "batch_size", "cem", "prioritized", "alpha", "beta", "priority_epsilon"))
-def update(model: QNetwork, state: QTOptState, buffer: ReplayBuffer, new_transitions, key, *, updates: int = 1,
-           **settings):
-    """One device call per replay period: store the transitions gathered since the last call, then take
-    `updates` gradient steps (one per --train-frequency environment steps they span)."""
+@functools.partial(jax.jit, static_argnames=("model", "cfg"), donate_argnames=("buffer",))
+def update(model: QNetwork, state: QTOptState, buffer, new_transitions, key, cfg: UpdateConfig):
+    """The loop's device call per replay period: store the transitions gathered since the last one, then take
+    cfg.updates gradient steps (none before --learning-starts)."""
     buffer = buffer_add(buffer, new_transitions)
-    if updates == 1:  # the key itself: one environment reproduces the single-environment runs exactly
-        return gradient_step(model, state, buffer, key, **settings)
-    step = lambda carry, k: (lambda s, b, m: ((s, b), m))(*gradient_step(model, *carry, k, **settings))  # noqa: E731
-    (state, buffer), metrics = jax.lax.scan(step, (state, buffer), jax.random.split(key, updates))
+    if cfg.updates <= 1:  # one step takes the key itself: one environment reproduces its single-environment run
+        return gradient_step(model, state, buffer, key, cfg) if cfg.updates else (state, buffer, {})
+    step = lambda carry, k: (lambda s, b, m: ((s, b), m))(*gradient_step(model, *carry, k, cfg))
+    (state, buffer), metrics = jax.lax.scan(step, (state, buffer), jax.random.split(key, cfg.updates))
     return state, buffer, jax.tree.map(lambda m: m[-1], metrics)
 
 
-def evaluate(model, params, env_id: str, seed: int, episodes: int, cem: CEM, video_dir: Optional[str] = None) -> list:
-    """Greedy returns (epsilon 0) of `episodes` episodes on a fresh environment reset with seed, seed + 1, ...
-    Training evaluates with --seed + 10000, and so does --load-model, so the two agree."""
-    env = make_env(env_id, seed, render=video_dir is not None)
-    if video_dir is not None:
-        env = record_video(env, video_dir)
+def evaluate(policy, params, args, label: str, video_dir: Optional[str] = None) -> float:
+    """Mean greedy return (epsilon 0) over --eval-episodes episodes of a fresh environment reset with seeds --seed +
+    10000, + 10001, ..., printed after `label` (--load-model thus scores a model as its run did)."""
+    seed, env = args.seed + 10_000, make_env(args.env_id, args.seed + 10_000, video_dir)
     key, greedy, returns = jax.random.PRNGKey(seed), jnp.zeros(2), []
-    for episode in range(episodes):
+    for episode in range(args.eval_episodes):
         obs, _ = env.reset(seed=seed + episode)
         done = False
         while not done:
-            action, key, _, greedy = act(model, params, obs[None], key, greedy, 0.0, cem)
+            action, key, _, greedy = policy(params, obs[None], key, greedy, 0.0)
             obs, _, terminated, truncated, info = env.step(np.asarray(action[0]))
             done = terminated or truncated
         returns.append(float(info["episode"]["r"]))
     env.close()
-    return returns
+    print(f"{label}  greedy evaluation return {np.mean(returns):.1f} over {len(returns)} episode(s)")
+    return float(np.mean(returns))
 
 
-def record_video(env: gym.Env, video_dir: str) -> gym.Env:
-    """Every episode to video_dir, played at the task's real speed: one frame per step of the task's clock."""
-    if hasattr(env.unwrapped, "_env"):  # Shimmy's DeepMind Control env declares no frame rate of its own
-        env.metadata["render_fps"] = round(1.0 / env.unwrapped._env.control_timestep())
-    elif isinstance(getattr(env.unwrapped, "dt", None), float):  # MuJoCo and some classic control (Pendulum: 0.05 s)
-        env.metadata["render_fps"] = round(1.0 / env.unwrapped.dt)  # their own render_fps is a display rate
-    return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
+# === replay buffer: begin (identical in every agent script) ===
+class ReplayBuffer(NamedTuple):
+    """Device-resident replay memory: `storage` is the transition pytree with a leading capacity axis, `tree` a
+    sum-tree of sampling weights (priority ** alpha) laid out heap-style: slot 1 holds the total, slot i's children
+    are 2i and 2i + 1, leaf j is slot `leaves + j`. Parents are recomputed from their children: no drift."""
+
+    storage: Any
+    tree: jax.Array
+    max_weight: jax.Array  # a new transition's weight: the largest seen, so that it is replayed soon
+    cursor: jax.Array
+    size: jax.Array
 
 
-def check_rendering(env_id: str) -> None:
-    """--capture-video renders at every evaluation: render one frame now, so that a machine without an offscreen
-    renderer (or without moviepy, which writes the files) is told at start-up, not after the first training stretch."""
+def buffer_init(example_transition: Any, capacity: int) -> ReplayBuffer:
+    leaves = 1 << max(capacity - 1, 1).bit_length()
+    storage = jax.tree.map(lambda x: jnp.zeros((capacity, *jnp.shape(x)), jnp.asarray(x).dtype), example_transition)
+    cursor, size = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: the update donates both
+    return ReplayBuffer(storage, jnp.zeros(2 * leaves, jnp.float32), jnp.ones((), jnp.float32), cursor, size)
+
+
+def _tree_set(tree: jax.Array, index: jax.Array, weight: jax.Array) -> jax.Array:
+    node = index + tree.shape[0] // 2
+    tree = tree.at[node].set(weight)
+    for _ in range((tree.shape[0] // 2).bit_length() - 1):
+        node = node // 2
+        tree = tree.at[node].set(tree[2 * node] + tree[2 * node + 1])
+    return tree
+
+
+def buffer_add(buffer: ReplayBuffer, transitions: Any) -> ReplayBuffer:
+    """Write transitions (leading axis n) at the cursor, over the oldest when full."""
+    capacity, n = (jax.tree.leaves(tree)[0].shape[0] for tree in (buffer.storage, transitions))
+    index = (buffer.cursor + jnp.arange(n)) % capacity
+    storage = jax.tree.map(lambda s, x: s.at[index].set(x), buffer.storage, transitions)
+    tree = _tree_set(buffer.tree, index, jnp.full(n, buffer.max_weight))
+    return ReplayBuffer(
+        storage, tree, buffer.max_weight, (buffer.cursor + n) % capacity, jnp.minimum(buffer.size + n, capacity)
+    )
+
+
+def buffer_sample(buffer: ReplayBuffer, key, batch_size: int, prioritized: bool, beta: float, stratified: bool = True):
+    """(indices, transitions, importance weights, max 1 in the batch): uniform, or proportional with one draw from each
+    of batch_size equal slices of the total (stratified) or each from the whole total (as Stable-Baselines)."""
+    if not prioritized:
+        index = jax.random.randint(key, (batch_size,), 0, buffer.size)
+        return index, jax.tree.map(lambda s: s[index], buffer.storage), jnp.ones(batch_size, jnp.float32)
+    leaves, total = buffer.tree.shape[0] // 2, buffer.tree[1]
+    uniform = jax.random.uniform(key, (batch_size,))
+    target = (jnp.arange(batch_size) + uniform) * (total / batch_size) if stratified else uniform * total
+    node = jnp.ones(batch_size, jnp.int32)
+    for _ in range(leaves.bit_length() - 1):
+        left = buffer.tree[2 * node]
+        target, node = jnp.where(target >= left, target - left, target), 2 * node + (target >= left)
+    index = jnp.minimum(node - leaves, buffer.size - 1)  # float rounding can step past the last leaf
+    weights = (buffer.size * (buffer.tree[index + leaves] / total)) ** -beta
+    return index, jax.tree.map(lambda s: s[index], buffer.storage), weights / weights.max()
+
+
+def buffer_update(buffer: ReplayBuffer, index, priority=None, alpha: float = 1.0, **fields) -> ReplayBuffer:
+    """Write back new priorities (raised to alpha here) and/or new values of stored fields at `index`."""
+    storage = dict(buffer.storage, **{k: buffer.storage[k].at[index].set(v) for k, v in fields.items()})
+    if priority is None:
+        return buffer._replace(storage=storage)
+    weight = priority.astype(jnp.float32) ** alpha
+    tree = _tree_set(buffer.tree, index, weight)
+    return buffer._replace(storage=storage, tree=tree, max_weight=jnp.maximum(buffer.max_weight, weight.max()))
+
+
+# === replay buffer: end ===
+
+
+# ---- environments and checks ----
+def make_env(env_id: str, seed: int, video_dir: Optional[str] = None) -> gym.Env:
+    """A DeepMind Control or Gymnasium task with flat float32 observations and actions in [-1, 1] (CEM's box)."""
+    env = checked_env(env_id, video_dir)
+    if not isinstance(env.action_space, gym.spaces.Box) or len(env.action_space.shape) != 1:
+        fail(f"--env-id {env_id!r} has {env.action_space} actions; {SCRIPT} needs a one-dimensional Box")
+    env = gym.wrappers.RecordEpisodeStatistics(gym.wrappers.RescaleAction(env, -1.0, 1.0))
+    env.action_space.seed(seed)
+    return env
+
+
+def check_args(args: Args) -> None:
+    check_common(args, "target_network_frequency cem_samples cem_elites cem_iterations", "cem_min_std", "")
+    if args.cem_elites > args.cem_samples:
+        fail(f"--cem-elites must be <= --cem-samples ({args.cem_samples}), got {args.cem_elites}")
+    if args.capture_video:  # rendered at each evaluation: refused now, not after the first stretch of training
+        checked_env(args.env_id, render=True).close()
+
+
+MODEL_SETTINGS = ("env_id",)  # what a saved model's shapes and meaning depend on, besides the script
+
+
+# === run helpers: begin (identical in every agent script) ===
+SCRIPT = os.path.basename(__file__)
+RUN_SETTINGS = """total_timesteps checkpoint_frequency resume track wandb_project_name wandb_entity capture_video
+    save_model eval_frequency eval_episodes log_frequency""".split()  # what a resumed run may change
+
+
+def fail(message: str):
+    raise SystemExit(f"error: {message}")
+
+
+def check_common(args, positive: str, nonnegative: str, fractions: str) -> None:
+    """One `error:` line, before anything starts, for what tyro accepts but a run cannot use."""
+    positive += " total_timesteps batch_size train_frequency num_envs eval_episodes log_frequency learning_rate"
+    nonnegative += " learning_starts eval_frequency checkpoint_frequency priority_exponent importance_exponent"
+    for name, value in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if name in positive.split() and value <= 0 or name in nonnegative.split() and value < 0:
+            fail(f"{flag} must be {'> 0' if name in positive.split() else '>= 0'}, got {value}")
+        if name in ("gamma", "epsilon", *fractions.split()) and not 0 <= value <= 1:
+            fail(f"{flag} must be in [0, 1], got {value}")
+    if args.prioritized_replay and args.priority_epsilon <= 0:
+        fail(f"--priority-epsilon must be > 0 with prioritised replay, got {args.priority_epsilon}")
+    if args.buffer_size < math.lcm(args.num_envs, args.train_frequency):
+        fail(f"--buffer-size must hold the lcm of --num-envs and --train-frequency, got {args.buffer_size}")
+    largest = 2**32 - max(args.num_envs, 10_000 + args.eval_episodes)  # every reset's seed must be < 2**32
+    if not 0 <= args.seed <= largest:
+        fail(f"--seed must be in [0, {largest}], got {args.seed}")
+    if not re.fullmatch(r"\w[\w.+-]*", args.exp_name):
+        fail(f"--exp-name must be a file name of letters, digits and . _ + -, got {args.exp_name!r}")
+    if args.num_envs > 1:  # a worker process each, of at most 0.25 GB (dog-walk's: 0.2 GB)
+        check_fits(f"--num-envs {args.num_envs}", args.num_envs * 2**28, host=True)
+    if not (args.load_model or args.resume) and args.learning_starts >= args.total_timesteps:
+        print("warning: --learning-starts is not below --total-timesteps: no update at all", file=sys.stderr)
+
+
+def check_fits(what: str, nbytes: int, host: bool = False) -> None:
+    """Refuse what does not fit in the memory available: the accelerator's, or the machine's (Linux's estimate)."""
+    stats = {} if host else jax.devices()[0].memory_stats() or {}
+    meminfo = open("/proc/meminfo").read() if os.path.exists("/proc/meminfo") else "MemAvailable: 1e30"
+    ram = 1024 * float(re.search(r"MemAvailable:\s+(\S+)", meminfo)[1])
+    available = stats["bytes_limit"] - stats["bytes_in_use"] if stats else ram
+    if nbytes > available:
+        fail(f"{what} needs {nbytes / 2**30:.3g} GiB, more than the {available / 2**30:.3g} GiB available")
+
+
+def checked_env(env_id: str, video_dir: Optional[str] = None, render: bool = False) -> gym.Env:
+    """gym.make of a DeepMind Control `domain-task` (through Shimmy) or a Gymnasium id, observations flat float32,
+    every episode recorded to video_dir if given; one `error:` line where it cannot be made or render."""
+    from dm_control import suite
+
+    gym_id = f"dm_control/{env_id}-v0" if tuple(env_id.split("-", 1)) in suite.ALL_TASKS else env_id
+    if gym_id not in gym.registry:
+        fail(f"unknown --env-id {env_id!r}: a DeepMind Control task (e.g. dog-walk) or a Gymnasium id")
+    try:  # a registered id can still fail: a missing extra (Box2D), a renderer that cannot start, no moviepy
+        env = gym.make(gym_id, render_mode="rgb_array" if render or video_dir else None)
+        env = gym.wrappers.DtypeObservation(gym.wrappers.FlattenObservation(env), np.float32)
+        if render:
+            import moviepy  # noqa: F401  (RecordVideo writes with it)
+
+            env.reset(seed=0)
+            env.render()
+    except Exception as e:
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        fail(
+            f"--env-id {env_id!r} cannot be made{' to render' * render} (MUJOCO_GL={os.environ['MUJOCO_GL']}): {reason}"
+        )
+    if video_dir:  # at the task's own speed: Shimmy's render_fps is a display rate
+        dmc = getattr(env.unwrapped, "_env", None)
+        dt = dmc.control_timestep() if dmc else getattr(env.unwrapped, "dt", 0)
+        env = gym.wrappers.RecordVideo(env, video_dir, lambda _: True, fps=round(1 / dt) if dt else None)
+    return env
+
+
+def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
+    """make_env(env_id, seed + i) for i < num_envs, in a process each for more than one (forked before JAX starts).
+    Same-step autoreset: an ended episode's last observation is in infos["final_obs"]."""
+    fns = [functools.partial(make_worker_env if num_envs > 1 else make_env, env_id, seed + i) for i in range(num_envs)]
+    vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
+    return vector(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def make_worker_env(env_id: str, seed: int) -> gym.Env:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the trainer decides
+    return make_env(env_id, seed)
+
+
+def saved_settings(args):
+    """(settings, meta, arrays) of --resume's checkpoint or --load-model's model, the flags given here on top; a
+    model's MODEL_SETTINGS and a resumed run's settings outside RUN_SETTINGS must agree with the saved ones."""
+    if not (args.resume or args.load_model):
+        return args, None, None
+    option = "--resume" if args.resume else "--load-model"
+    path = os.path.join(args.resume, "checkpoint.npz") if args.resume else args.load_model
     try:
-        import moviepy  # noqa: F401
-    except ImportError:
-        fail("--capture-video needs moviepy to write the videos (pip install moviepy)")
-    env = make_env(env_id, 0, render=True)
-    try:
-        env.reset(seed=0)
-        env.render()
-    except Exception as error:
-        reason = (str(error).strip().splitlines() or [""])[0].rstrip(".")
-        fail(f"--capture-video cannot render {env_id!r} with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: "
-             f"{type(error).__name__}: {reason}; MuJoCo renders offscreen with libEGL (MUJOCO_GL=egl; e.g. "
-             f"apt install libegl1) or OSMesa (MUJOCO_GL=osmesa)")
-    finally:
-        env.close()
-
-
-class MetricsLogger:
-    """One CSV row per logged step under runs/{run_name}/, mirrored to W&B when tracking. A resumed run keeps
-    the rows up to its checkpoint's step and appends after them."""
-
-    def __init__(self, path: str, columns: list, wandb_run=None, resume_step: Optional[int] = None):
-        self.columns, self.wandb_run = ["global_step", *columns], wandb_run
-        kept = []
-        if resume_step is not None and os.path.isfile(path):
-            with open(path) as f:
-                kept = [row for row in list(f)[1:] if int(row.split(",", 1)[0]) <= resume_step]
-        with open(path + ".tmp", "w") as f:
-            f.write(",".join(self.columns) + "\n" + "".join(kept))
-        os.replace(path + ".tmp", path)
-        self.file = open(path, "a", buffering=1)
-
-    def log(self, step: int, metrics: dict) -> None:
-        values = {k: float(v) for k, v in metrics.items()}
-        self.file.write(",".join([str(step), *(str(values.get(c, "")) for c in self.columns[1:])]) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(values, step=step)
-
-    def close(self) -> None:
-        self.file.close()
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays.pop("__meta__")))
+        saved, defaults = Args(**meta["args"]), Args()
+        if meta["script"] != SCRIPT:
+            raise ValueError(f"it was saved by {meta['script']}")
+    except Exception as e:
+        fail(f"{option}: {path} is not a file saved by this {SCRIPT}: {type(e).__name__}: {e}")
+    for name, value in vars(args).items():
+        if value != getattr(defaults, name) and value != getattr(saved, name):
+            if name in MODEL_SETTINGS or (args.resume and name not in RUN_SETTINGS):
+                fail(f"{option}: --{name.replace('_', '-')} {value!r} differs from the saved {getattr(saved, name)!r}")
+            setattr(saved, name, value)
+    saved.resume = args.resume  # a model saved by a resumed run is evaluated, not resumed
+    return saved, meta, arrays
 
 
 def save_arrays(path: str, tree, meta: dict) -> str:
-    """A pytree's arrays and a JSON header of what they are in one .npz (a saved model, or a checkpoint: the
-    whole run state), written to a temporary file and renamed over the old one: a crash mid-write leaves it
-    intact. Replay storage is cut to its filled rows."""
-    size = int(tree["buffer"].size) if isinstance(tree, dict) and "buffer" in tree else None
-    arrays = {k: np.asarray(v[:size] if k.startswith("['buffer'].storage") else v) for k, v in named_leaves(tree)}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """A pytree's arrays, named by their paths, and a JSON header of what they are in one .npz, written to a
+    temporary file and then renamed, so that a crash while writing leaves the last one whole."""
+    arrays = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     with open(path + ".tmp", "wb") as f:
         np.savez(f, __meta__=json.dumps(dict(meta, script=SCRIPT)), **arrays)
     os.replace(path + ".tmp", path)
     return path
 
 
-def named_leaves(tree) -> list:
-    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def checkpoint_file(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoint", "state.npz")
-
-
-def load_arrays(path: str, option: str) -> tuple:
-    """(meta, {name: array}) of a file save_arrays wrote with this script, or one line saying why not."""
-    if not os.path.isfile(path):
-        fail(f"{option}: no such file: {path}" + (" (--checkpoint-frequency writes one)" * (option == "--resume")))
-    try:
-        with np.load(path) as f:
-            arrays = {k: f[k] for k in f.files}
-        meta = json.loads(str(arrays.pop("__meta__")))
-    except Exception as e:
-        fail(f"{option}: {path} is damaged or was not saved by {SCRIPT} ({type(e).__name__})")
-    if meta.get("script") != SCRIPT:
-        fail(f"{option}: {path} was saved by {meta.get('script')}, not {SCRIPT}")
-    return meta, arrays
-
-
 def restore(template, arrays: dict, option: str):
-    """`template` (freshly built parameters or run state) with every array replaced by the saved one."""
-    named, leaves = named_leaves(template), []
-    if {name for name, _ in named} != set(arrays):
-        fail(f"{option}: the file holds {len(arrays)} arrays that do not match this run's {len(named)}")
-    for name, like in named:
-        saved, shape = arrays[name], np.shape(like)
-        fits = saved.shape == shape or (saved.ndim > 0 and saved.shape[1:] == shape[1:] and len(saved) <= shape[0])
-        if not fits or saved.dtype != like.dtype:
-            fail(f"{option}: the saved {name} is {saved.dtype}{list(saved.shape)}, this run's {like.dtype}{list(shape)}")
-        if saved.shape != shape:  # replay storage: its filled rows, the rest zeros as when it was saved
-            saved = np.concatenate([saved, np.zeros((shape[0] - len(saved), *shape[1:]), saved.dtype)])
-        leaves.append(jnp.asarray(saved) if isinstance(like, jax.Array) else saved)
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+    """`template` (fresh parameters, or run state) with each array replaced by the saved one of the same path."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    if {jax.tree_util.keystr(k) for k, _ in paths} != set(arrays):
+        fail(f"{option}: the saved arrays are not this run's (was it saved by another version of {SCRIPT}?)")
+    leaves = [(arrays[jax.tree_util.keystr(k)], v) for k, v in paths]
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) if isinstance(v, jax.Array) else a for a, v in leaves])
 
 
-def new_run_dir(args: Args) -> str:
-    """runs/{env_id}__{exp_name}__{seed}__{time}, with -2, -3, ... when a run of the same second took it."""
-    env_name = args.env_id.replace("/", "-")  # a namespaced Gymnasium id (dm_control/walker-walk-v0): one folder
-    stem = os.path.join("runs", f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    for n in itertools.count(1):
+def new_run_dir(args) -> str:
+    """runs/{env_id}__{exp_name}__{seed}__{time}, then -2, -3, ... for runs started in the same second."""
+    stem = f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    for run_dir in (f"{stem}-{n}" if n > 1 else stem for n in range(1, 100)):
         try:
-            os.makedirs(stem if n == 1 else f"{stem}-{n}")
-            return stem if n == 1 else f"{stem}-{n}"
+            os.makedirs(run_dir)
+            return run_dir
         except FileExistsError:
             continue
+        except OSError as e:
+            fail(f"cannot create {run_dir}: {e.strerror}")
 
 
-def saved_args(given: Args, saved: dict, option: str, fixed) -> Args:
-    """A saved run's own settings, with the flags given here on top, except those in `fixed`, which must agree."""
-    args, defaults = Args(**saved), Args()
-    for name, value in vars(given).items():
-        if value != getattr(defaults, name) and value != getattr(args, name):
-            if name in fixed:
-                fail(f"{option}: --{flag(name)} {value!r} differs from the saved run's {getattr(args, name)!r}")
-            setattr(args, name, value)
-    return args
+class Logger:
+    """The run's metrics.csv, a row per logged step (a resumed run keeps the rows up to its checkpoint), and W&B."""
+
+    def __init__(self, args, columns: list, meta: Optional[dict]):
+        self.run_dir, self.columns, self.wandb = args.resume or new_run_dir(args), ["global_step", *columns], None
+        if args.track:
+            import wandb
+
+            name, wandb_id = os.path.basename(self.run_dir), meta and meta["wandb_id"]
+            try:
+                self.wandb = wandb.init(
+                    project=args.wandb_project_name,
+                    entity=args.wandb_entity,
+                    config=vars(args),
+                    name=name,
+                    save_code=True,
+                    id=wandb_id,
+                    resume="allow",
+                )
+            except (Exception, KeyboardInterrupt) as e:  # the latter: W&B's login prompt, abandoned
+                if not args.resume:
+                    os.rmdir(self.run_dir)  # still empty
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                fail(f"--track: W&B cannot start: {reason} (WANDB_MODE=offline logs without an account)")
+        self.path = os.path.join(self.run_dir, "metrics.csv")
+        kept = (
+            [r for r in open(self.path).readlines()[1:] if int(r.split(",")[0]) <= meta["global_step"]] if meta else []
+        )
+        with open(self.path + ".tmp", "w") as f:
+            f.write(",".join(self.columns) + "\n" + "".join(kept))
+        os.replace(self.path + ".tmp", self.path)
+        self.file = open(self.path, "a", buffering=1)
+
+    def log(self, step: int, metrics: dict) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        self.file.write(",".join([str(step), *(str(values.get(c, "")) for c in self.columns[1:])]) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self, finished: bool) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=0 if finished else 1)
 
 
-def stop_on_signals() -> list:
-    """SIGINT and SIGTERM make the training loop stop after its current step, save and exit; a second aborts."""
-    stop = []
+STOP = []  # the signal that stops the training loop after its current step, once one came
 
-    def handler(signum, _frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving (again to abort)", flush=True)
 
+def stop_after_step(signum, _frame):
+    """SIGINT and SIGTERM make the training loop stop after its current step and save; a second one aborts."""
+    if STOP:
+        raise KeyboardInterrupt
+    STOP.append(signum)
+    print(f"\n{signal.Signals(signum).name}: stopping after this step and saving (again to abort)")
+
+
+def start(args):
+    """A run's first step: from here Ctrl-C and SIGTERM stop it after the current step, and progress shows at once in a
+    log file too. Returns saved_settings(args)."""
+    STOP.clear()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handler)
-    return stop
+        signal.signal(signum, stop_after_step)
+    sys.stdout.reconfigure(line_buffering=True)
+    return saved_settings(args)
 
 
-def restore_signals() -> None:
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, for a caller that goes on
+def finish(args, outcome: str, global_step: int, params, logger, envs, final_evaluation, checkpoint) -> None:
+    """However a run ends: its model saved (never a stale one), the final evaluation, then the checkpoint (so that a
+    resumed run has nothing left to do), the logs closed, and how to continue."""
+    model_path, saved_to = os.path.join(logger.run_dir, f"{args.exp_name}.npz"), []
+    if args.save_model or outcome != "finished" or os.path.exists(model_path):
+        saved_to.append(save_arrays(model_path, params, dict(args=vars(args), global_step=global_step)))
+    if outcome == "finished" and args.eval_frequency:
+        final_evaluation()
+    if args.checkpoint_frequency:
+        saved_to.append(checkpoint())
+    logger.close(outcome == "finished")
+    envs.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print(f"{outcome} at step {global_step}: metrics in {logger.path}" + "".join(f", saved {p}" for p in saved_to))
+    if outcome != "finished":
+        resume = f"continue with: python {sys.argv[0]} --resume {logger.run_dir}"
+        print(resume if args.checkpoint_frequency else "this run cannot be continued: no --checkpoint-frequency")
 
 
-def check_seed_and_start(args) -> None:
-    """Refuse a seed the environments cannot take, before training rather than at the final evaluation: they take
-    seeds in [0, 2**32), the N training environments --seed to --seed + N - 1 and the evaluation episodes --seed +
-    10000 onwards. Warn of a run that would end before its first update."""
-    largest = 2**32 - 1 - max(args.num_envs - 1, 10_000 + args.eval_episodes - 1)
-    if not 0 <= args.seed <= largest:
-        fail(f"--seed must be in [0, {largest}], got {args.seed}")
-    if args.load_model is None and not args.resume and args.learning_starts >= args.total_timesteps:
-        print(f"warning: --learning-starts {args.learning_starts} is not below --total-timesteps "
-              f"{args.total_timesteps}: the run ends before its first update", file=sys.stderr)
+# === run helpers: end ===
 
-
-def start_wandb(args, run_name: str, run_dir: str, meta: Optional[dict]):
-    """The W&B run of --track (a resumed run continues its own), or one error line where W&B cannot start (most
-    often no login): a new run's folder, still empty then, is removed again."""
-    import wandb
-
-    try:
-        return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                          name=run_name, save_code=True, id=meta and meta["wandb_id"],
-                          resume="allow" if meta else None)
-    except (Exception, KeyboardInterrupt) as e:  # the latter: its login prompt in a terminal, left
-        if meta is None and os.path.isdir(run_dir) and not os.listdir(run_dir):
-            os.rmdir(run_dir)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"--track: W&B could not start: {reason} (WANDB_MODE=offline logs to disk without an account)")
-
-
-def finished_and_evaluated(run_dir: str, step: int, args) -> bool:
-    """Whether a resumed run has nothing left to do: its checkpoint is at --total-timesteps and its final evaluation
-    (if it has one) is in metrics.csv. A run stopped during that evaluation still gets it."""
-    if step < args.total_timesteps:
-        return False
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        return not args.eval_frequency or any(row["global_step"] == str(step) and row["eval/episodic_return"]
-                                              for row in csv.DictReader(f))
-
-
-def evaluation_video_dir(args) -> Optional[str]:
-    """Where --capture-video records a --load-model evaluation: beside the model, in videos/evaluation (a training
-    run records into its own videos/step{N})."""
-    if not args.capture_video:
-        return None
-    return os.path.join(os.path.dirname(os.path.abspath(args.load_model)), "videos", "evaluation")
-
-
-def command_path() -> str:
-    """This script's path as the user can type it from the working directory (printed commands must run there)."""
-    relative = os.path.relpath(os.path.abspath(__file__))
-    return os.path.abspath(__file__) if relative.startswith("..") else relative
+METRICS = """charts/episodic_return charts/episodic_length charts/SPS losses/td_loss losses/q_values losses/clip_gap
+    cem/greedy_final_std cem/target_final_std cem/target_gain eval/episodic_return""".split()  # metrics.csv's columns
 
 
 def main(args: Args) -> None:
-    started = time.time()
-    stop = stop_on_signals()  # from the first moment: a Ctrl-C during start-up stops the run before its loop
+    args, meta, saved = start(args)  # a Ctrl-C from here on stops the run after its current step
     check_args(args)
-    meta = saved = None
-    if args.resume or args.load_model:  # a checkpoint, or a model: both carry the settings they were made with
-        option = "--resume" if args.resume else "--load-model"
-        meta, saved = load_arrays(checkpoint_file(args.resume) if args.resume else args.load_model, option)
-        fixed = [k for k in vars(args) if k not in RESUME_MAY_CHANGE] if args.resume else MODEL_SETTINGS
-        args = saved_args(args, meta["args"], option, fixed)
-    check_seed_and_start(args)
-    if args.xla_cache:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.xla_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    env = make_env(args.env_id, args.seed)  # one line of error here, not in a worker, for an id it cannot use
-    if args.capture_video:
-        check_rendering(args.env_id)
-    action_dim = env.action_space.shape[0]
-    example_obs, _ = env.reset(seed=args.seed)
-    env.close()
-    envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)
-    model = QNetwork(action_dim)
-    cem = CEM(args.cem_samples, args.cem_elites, args.cem_iterations, args.cem_min_std)
+    env = make_env(args.env_id, args.seed)  # one error line here, not in a worker
+    (example_obs, _), action_dim = env.reset(seed=args.seed), env.action_space.shape[0]
+    if args.resume and meta["global_step"] >= args.total_timesteps:
+        return print(f"{args.resume} is at step {meta['global_step']}: a larger --total-timesteps continues it")
+    envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)  # forked before JAX starts
+    model, cem = QNetwork(action_dim), CEM(args.cem_samples, args.cem_elites, args.cem_iterations, args.cem_min_std)
+    policy = functools.partial(act, model, cem=cem)
     key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
-    # One compile, keyed on the model's settings, not on this model object: a second main() in one process reuses it.
     params = jax.jit(QNetwork.init, static_argnums=0)(model, k_init, example_obs[None], jnp.zeros((1, 1, action_dim)))
-
-    def evaluation(params, label: str, video_dir: Optional[str] = None) -> float:
-        returns = evaluate(model, params, args.env_id, args.seed + 10_000, args.eval_episodes, cem, video_dir)
-        print(f"{label}  greedy evaluation return {np.mean(returns):.1f} over {len(returns)} episode(s)", flush=True)
-        return float(np.mean(returns))
-
-    if args.load_model is not None:  # the run's own evaluation seeds and CEM settings, unless given here
-        restore_signals()  # an evaluation has nothing to save: Ctrl-C stops it at once
-        video_dir = evaluation_video_dir(args)
-        evaluation(restore(params, saved, "--load-model"), f"{args.load_model} on {args.env_id}",  # which task: said
-                   video_dir=video_dir)
-        if args.capture_video:
-            print(f"videos in {video_dir}", flush=True)
+    if args.load_model:  # its run's evaluation seeds and CEM: it scores what its run logged
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # an evaluation has nothing to save
+        video_dir = args.capture_video and os.path.join(os.path.dirname(args.load_model), "videos", "evaluation")
+        evaluate(policy, restore(params, saved, "--load-model"), args, f"{args.load_model} on {args.env_id}", video_dir)
         return
 
-    run_dir = args.resume.rstrip("/") if args.resume else new_run_dir(args)
-    if meta and finished_and_evaluated(run_dir, meta["global_step"], args):  # no second final evaluation either
-        print(f"{run_dir} is already at step {meta['global_step']} of --total-timesteps {args.total_timesteps}: "
-              "nothing to train (a larger --total-timesteps continues it)", flush=True)
-        return
-    run_name, checkpoint_path = os.path.basename(run_dir), checkpoint_file(run_dir)
-    wandb_run = None
-    if args.track:
-        wandb_run = start_wandb(args, run_name, run_dir, meta)
-    columns = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/td_loss",
-               "losses/q_values", "losses/clip_gap", "cem/greedy_final_std", "cem/target_final_std",
-               "cem/target_gain", "eval/episodic_return"]
-    logger = MetricsLogger(os.path.join(run_dir, "metrics.csv"), columns, wandb_run,
-                           resume_step=meta and meta["global_step"])
-    print(f"{run_name}: {action_dim} action dims, {args.num_envs} env(s), CEM {cem.samples} samples, "
-          f"{cem.elites} elites, {cem.iterations} iterations, min std {cem.min_std:g}", flush=True)
-
-    state = QTOptState.create(apply_fn=None, params=params, target_params=params, lagged_params=params,
-                              tx=adam(args.learning_rate))
-    transition = dict(obs=example_obs, action=np.zeros(action_dim, np.float32), reward=np.float32(0.0),
-                      next_obs=example_obs, terminated=np.float32(0.0))
-    rows = math.lcm(args.num_envs, args.train_frequency)  # transitions per update call, one update per tf of them
-    run = dict(state=jax.tree.map(jnp.asarray, state), buffer=buffer_init(transition, args.buffer_size), key=key,
-               greedy=jnp.zeros(2), pending={k: np.zeros((rows, *np.shape(v)), np.float32)
-                                             for k, v in transition.items()})
-    global_step, episodes = (meta["global_step"], meta["episodes"]) if meta else (0, 0)
-    if meta:
-        run = restore(run, saved, "--resume")
-        print(f"resumed {run_dir} at step {global_step} (episodes restart; metrics.csv continues)", flush=True)
+    transition = dict(obs=example_obs, next_obs=example_obs, action=np.zeros(action_dim, np.float32))
+    transition.update(reward=np.float32(0), terminated=np.float32(0))
+    row_bytes = sum(v.nbytes for v in transition.values()) + 16  # and its share of the sum-tree
+    check_fits(f"--buffer-size {args.buffer_size}", args.buffer_size * row_bytes)
+    rows = math.lcm(args.num_envs, args.train_frequency)  # transitions per update call
+    cfg = UpdateConfig(cem, rows // args.train_frequency, *(getattr(args, n) for n in UpdateConfig._fields[2:]))
+    cfgs = (cfg._replace(updates=0), cfg)  # before --learning-starts, and after
+    logger, global_step = Logger(args, METRICS, meta), meta["global_step"] if meta else 0
+    print(f"{logger.run_dir}: {action_dim} action dims; {cem}")
+    tx = adam(args.learning_rate)
+    state = QTOptState.create(apply_fn=None, params=params, target_params=params, lagged_params=params, tx=tx)
+    pending = {k: np.zeros((rows, *np.shape(v)), np.float32) for k, v in transition.items()}
+    run = dict(state=jax.tree.map(jnp.asarray, state), key=key, greedy=jnp.zeros(2), pending=pending)
+    run["buffer"] = buffer_init(transition, args.buffer_size)
+    run = restore(run, saved, "--resume") if meta else run
     state, buffer, key, greedy, pending = (run[k] for k in ("state", "buffer", "key", "greedy", "pending"))
-    store = jax.jit(buffer_add, donate_argnums=0)
-    train = functools.partial(
-        update, model, updates=rows // args.train_frequency, gamma=args.gamma, batch_size=args.batch_size, cem=cem,
-        prioritized=args.prioritized_replay, alpha=args.priority_exponent, beta=args.importance_exponent,
-        priority_epsilon=args.priority_epsilon)
 
-    def checkpoint() -> str:
-        return save_arrays(checkpoint_path, dict(state=state, buffer=buffer, key=key, greedy=greedy, pending=pending),
-                           dict(args=vars(args), global_step=global_step, episodes=episodes,
-                                wandb_id=wandb_run and wandb_run.id))
+    def checkpoint():  # the whole run state, so that --resume continues this very run
+        tree = dict(state=state, buffer=buffer, key=key, greedy=greedy, pending=pending)
+        info = dict(args=vars(args), global_step=global_step, wandb_id=logger.wandb and logger.wandb.id)
+        return save_arrays(os.path.join(logger.run_dir, "checkpoint.npz"), tree, info)
 
+    def evaluation():  # logged at this step; videos into videos/step{N}
+        video_dir = args.capture_video and f"{logger.run_dir}/videos/step{global_step}"
+        mean = evaluate(policy, state.params, args, f"step {global_step:>8}", video_dir)
+        logger.log(global_step, {"eval/episodic_return": mean})
+
+    crossed = lambda period: period > 0 and global_step // period > previous // period  # passed a multiple of it?
     obs, _ = envs.reset(seed=args.seed)
-    outcome, train_metrics, new_returns = "finished", {}, []
-    first_step, last_log = global_step, (time.time(), global_step)
-    print(f"compiling the greedy action (XLA; cache: {args.xla_cache or 'off'}) ...", flush=True)
+    outcome, metrics, returns, last_log = "crashed", {}, [], (time.time(), global_step)
+    print("compiling the greedy action (XLA) ...")
     try:
-        while global_step < args.total_timesteps and not stop:
-            actions, key, k_update, greedy = act(model, state.params, obs, key, greedy, args.epsilon, cem)
+        while global_step < args.total_timesteps and not STOP:
+            actions, key, k_update, greedy = policy(state.params, obs, key, greedy, args.epsilon)
             actions = np.asarray(actions)  # the step's one transfer from the device
             next_obs, rewards, terminated, truncated, infos = envs.step(actions)
-            # Same-step autoreset: where an episode ended, next_obs holds the next one's first observation and
-            # infos the last one, which is what the transition stores. A time-limit end is not terminal: the
-            # target bootstraps through it (partial-episode bootstrapping).
-            final_obs = next_obs.copy()
-            for i in np.flatnonzero(terminated | truncated):
+            final_obs = next_obs.copy()  # where an episode ended: its own last observation, not the next one's first
+            for i in np.flatnonzero(terminated | truncated):  # a time limit is no termination: targets bootstrap
                 final_obs[i], episode = infos["final_obs"][i], infos["final_info"]["episode"]
-                logger.log(global_step + args.num_envs, {"charts/episodic_return": episode["r"][i],
-                                                         "charts/episodic_length": episode["l"][i]})
-                new_returns.append(float(episode["r"][i]))
-                episodes += 1
-            slot = global_step % rows
-            for k, v in dict(obs=obs, action=actions, reward=rewards, next_obs=final_obs,
-                             terminated=terminated).items():
-                pending[k][slot: slot + args.num_envs] = v
+                stats = {"charts/episodic_return": episode["r"][i], "charts/episodic_length": episode["l"][i]}
+                logger.log(global_step + args.num_envs, stats)
+                returns.append(float(episode["r"][i]))
+            new = dict(obs=obs, action=actions, reward=rewards, next_obs=final_obs, terminated=terminated)
+            for k, v in new.items():
+                pending[k][global_step % rows : global_step % rows + args.num_envs] = v
             obs, previous, global_step = next_obs, global_step, global_step + args.num_envs
-            crossed = lambda period: period > 0 and global_step // period > previous // period  # noqa: E731
-            if previous == first_step:
-                print(f"compiled; first step {time.time() - started:.1f} s after start", flush=True)
-
-            if global_step % rows == 0:
-                # A copy: on CPU, jax may read a numpy argument in place after the call has returned (asynchronous
-                # dispatch), and `pending` is overwritten from the next step on.
-                chunk = {k: v.copy() for k, v in pending.items()}
-                if global_step < args.learning_starts:
-                    buffer = store(buffer, chunk)
-                elif train_metrics:
-                    state, buffer, train_metrics = train(state, buffer, chunk, k_update)
-                else:  # the first update of this process compiles (or loads from the cache): say so, and time it
-                    print(f"step {global_step}: compiling the update ...", flush=True)
-                    state, buffer, train_metrics = train(state, buffer, chunk, k_update)
-                    jax.block_until_ready(state.step)
-                    print(f"first update done {time.time() - started:.1f} s after start", flush=True)
-            # Two lagged target networks, as hard copies: at every copy the first target hands its parameters to
-            # the second and takes the online ones, so the first is 0 to T steps old and the second T to 2T (T =
-            # the period). (TF-Agents keeps three: CEM's arg-max under one, the min over two copies lagging it.)
-            if crossed(args.target_network_frequency):
+            if global_step % rows == 0:  # store the period's transitions, then learn from the buffer
+                learn = global_step >= args.learning_starts
+                if learn and not metrics:
+                    print(f"step {global_step}: compiling the update ...")
+                chunk = {k: v.copy() for k, v in pending.items()}  # jax may read numpy inputs after returning
+                state, buffer, metrics = update(model, state, buffer, chunk, k_update, cfgs[learn])
+            if crossed(args.target_network_frequency):  # the first target hands its parameters to the second
                 state = state.replace(lagged_params=state.target_params, target_params=state.params)
-
             if crossed(args.log_frequency):
-                now, (std_sum, greedy_steps) = time.time(), np.asarray(greedy, np.float64)  # random steps excluded
+                now, (std_sum, greedy_steps) = time.time(), np.asarray(greedy, np.float64)  # random actions not
                 sps = (global_step - last_log[1]) / (now - last_log[0])
                 acting = {"cem/greedy_final_std": std_sum / greedy_steps} if greedy_steps else {}
-                logger.log(global_step, {"charts/SPS": sps, **acting, **train_metrics})
-                greedy, last_log = jnp.zeros(2), (now, global_step)
-                returns = f"{np.mean(new_returns):8.1f}" if new_returns else "       -"
-                eta = time.strftime("%H:%M:%S", time.gmtime(max(args.total_timesteps - global_step, 0) / sps))
-                print(f"step {global_step:>8}  episodes {episodes:>5}  return {returns}  SPS {sps:.0f}  ETA {eta}",
-                      flush=True)
-                new_returns.clear()
-            if crossed(args.checkpoint_frequency):
+                logger.log(global_step, {"charts/SPS": sps, **acting, **metrics})
+                eta = time.strftime("%H:%M:%S", time.gmtime((args.total_timesteps - global_step) / sps))
+                print(f"step {global_step:>8}  return {np.mean(returns or np.nan):8.1f}  SPS {sps:4.0f}  ETA {eta}")
+                greedy, last_log, returns = jnp.zeros(2), (now, global_step), []
+            if crossed(args.checkpoint_frequency) and global_step < args.total_timesteps:
                 checkpoint()
             if crossed(args.eval_frequency) and global_step < args.total_timesteps:
-                video_dir = os.path.join(run_dir, "videos", f"step{global_step}") if args.capture_video else None
-                logger.log(global_step, {"eval/episodic_return": evaluation(
-                    state.params, f"step {global_step:>8}", video_dir)})
-        outcome = "interrupted" if stop else outcome
-    except Exception:
-        outcome = "crashed"
-        traceback.print_exc()
-
-    saved_to = []  # the final model before the final evaluation; a run that stops early keeps its model too
-    try:
-        model_path = os.path.join(run_dir, f"{args.exp_name}.npz")
-        if args.save_model or outcome != "finished" or os.path.exists(model_path):  # never a stale one
-            saved_to.append(save_arrays(model_path, state.params, dict(args=vars(args), global_step=global_step)))
-        if args.checkpoint_frequency:
-            saved_to.append(checkpoint())
-    except Exception as e:
-        print(f"could not save everything: {type(e).__name__}: {e}", flush=True)
-    if outcome == "finished" and args.eval_frequency:
-        video_dir = os.path.join(run_dir, "videos", f"step{global_step}") if args.capture_video else None
-        logger.log(global_step, {"eval/episodic_return": evaluation(
-            state.params, f"step {global_step:>8}", video_dir)})
-    logger.close()
-    envs.close()
-    if wandb_run is not None:
-        wandb_run.finish(exit_code=0 if outcome == "finished" else 1)
-    print(f"{outcome} at step {global_step}: metrics in {run_dir}/metrics.csv" + "".join(
-        f", saved {path}" for path in saved_to), flush=True)
-    if args.checkpoint_frequency and outcome != "finished":
-        print(f"continue with: python {command_path()} --resume {run_dir}", flush=True)
-    restore_signals()
-    if outcome != "finished":
-        sys.exit(1 if outcome == "crashed" else 128 + stop[0])
-
-
-def check_whole_numbers(cls, argv: list) -> None:
-    """Refuse a whole-number flag given `nan`, `inf` or `1.5` with one line and status 1, as every other bad input
-    is refused (tyro would answer with a boxed message and status 2). Values follow their flag, up to the next flag
-    (`--seeds 1 2`), or its `=` (`--seed=1`); `None` is a value of Optional[int] flags."""
-    whole = {"--" + name.replace("_", "-"): type(None) in get_args(hint) for name, hint in get_type_hints(cls).items()
-             if int in (hint, *get_args(hint))}  # flag -> whether None is allowed
-    name = None
-    for arg in argv:
-        if arg.startswith("--") or arg == "-h":
-            name, _, value = arg.partition("=")
-            name = name.replace("_", "-")
-        else:
-            value = arg
-        if name in whole and value and not (whole[name] and value == "None"):
-            try:
-                int(value)
-            except ValueError:
-                raise SystemExit(f"error: {name}: expected a whole number, got {value!r}")
-
-
-def tyro_complaint(boxed: str) -> str:
-    """tyro's boxed refusal of a command line as one line: its message, and the flags it suggests if any. The box is
-    drawn in line-drawing characters, or in ASCII (`-`, `|`, `+`) where the output's encoding has none."""
-    border = set(" -|+\u2500\u2502\u256d\u256e\u256f\u2570")
-    lines = [line.strip(" |\u2502") for line in boxed.splitlines() if not set(line) <= border]
-    message, suggested, part = [], [], "message"
-    for line in lines[1:]:  # the first is the box's title
-        if line.startswith(("Argument helptext", "For full helptext")):
-            part = "done"
-        elif line.startswith("Perhaps you meant"):
-            part = "suggestions"
-        elif part == "message":
-            message.append(line)
-        elif part == "suggestions" and re.match(r"--[\w-]+$", line.split()[0]):
-            suggested.append(line.split()[0])
-    said = " ".join(message) or "the command line could not be read (see --help)"
-    return said + (f" (did you mean {', '.join(suggested)}?)" if suggested else "")
-
-
-def parse_command_line(cls):
-    """The command line as a `cls`, every refusal one `error:` line and status 1 (tyro's own are boxes, status 2)."""
-    check_whole_numbers(cls, sys.argv[1:])
-    boxed = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(boxed):
-            return tyro.cli(cls)
-    except SystemExit as exit_:
-        if not exit_.code:  # --help, printed on stdout
-            raise
-        raise SystemExit(f"error: {tyro_complaint(boxed.getvalue())}") from None
+                evaluation()
+        outcome = "interrupted" if STOP else "finished"
+    finally:  # a crash's traceback follows, after the model and the checkpoint are saved
+        finish(args, outcome, global_step, state.params, logger, envs, evaluation, checkpoint)
+    if STOP:
+        sys.exit(128 + STOP[0])
 
 
 if __name__ == "__main__":
-    main(parse_command_line(Args))
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head -1` ends quietly, as other commands do
+    parsed = tyro.cli(Args)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    main(parsed)

@@ -54,39 +54,59 @@ def run_state(env_id: str, transitions: int, seed: int = 0) -> dict:
     model = qmle.QMLENetwork(action_dim, d.num_bins)
     key = jax.random.PRNGKey(seed)
     params = jax.jit(model.init)(key, jnp.zeros((1, obs_dim)), jnp.zeros((1, 1, action_dim)))
-    state = qmle.QMLEState.create(apply_fn=model.apply, params=params, target_params=params,
-                                  tx=optax.adam(d.learning_rate))
+    state = qmle.QMLEState.create(
+        apply_fn=model.apply, params=params, target_params=params, tx=optax.adam(d.learning_rate)
+    )
     keys = jax.random.split(key, 4)
-    rows = dict(obs=jax.random.normal(keys[0], (transitions, obs_dim)),
-                action=jax.random.uniform(keys[1], (transitions, action_dim), minval=-1, maxval=1),
-                reward=jax.random.uniform(keys[2], (transitions,)), next_obs=jax.random.normal(keys[3], (transitions, obs_dim)),
-                terminated=jnp.zeros(transitions), argmax=jax.random.uniform(keys[1], (transitions, action_dim)))
+    rows = dict(
+        obs=jax.random.normal(keys[0], (transitions, obs_dim)),
+        action=jax.random.uniform(keys[1], (transitions, action_dim), minval=-1, maxval=1),
+        reward=jax.random.uniform(keys[2], (transitions,)),
+        next_obs=jax.random.normal(keys[3], (transitions, obs_dim)),
+        terminated=jnp.zeros(transitions),
+        argmax=jax.random.uniform(keys[1], (transitions, action_dim)),
+    )
     buffer = qmle.buffer_add(qmle.buffer_init(jax.tree.map(lambda x: x[0], rows), transitions), rows)
     pending = {k: np.zeros((d.train_frequency, *v.shape[1:]), np.float32) for k, v in rows.items()}
-    return dict(state=jax.tree.map(jnp.asarray, state), buffer=buffer, key=key, wins=jnp.zeros(len(qmle.SOURCES)), pending=pending)
+    return dict(
+        state=jax.tree.map(jnp.asarray, state),
+        buffer=buffer,
+        key=key,
+        wins=jnp.zeros(len(qmle.SOURCES)),
+        pending=pending,
+    )
 
 
 def measure(args: Args) -> dict:
     run = run_state(args.env_id, args.transitions)
     jax.block_until_ready(run)
     with tempfile.TemporaryDirectory() as tmp:
-        path = qmle.checkpoint_file(args.directory or tmp)
+        path = os.path.join(args.directory or tmp, "checkpoint.npz")
         start = time.perf_counter()
-        qmle.save_arrays(path, run, dict(args=vars(qmle.Args(env_id=args.env_id)), global_step=args.transitions,
-                                         episodes=0, wandb_id=None))
+        qmle.save_arrays(
+            path, run, dict(args=vars(qmle.Args(env_id=args.env_id)), global_step=args.transitions, wandb_id=None)
+        )
         write_s = time.perf_counter() - start
         size = os.path.getsize(path)
         start = time.perf_counter()
-        meta, arrays = qmle.load_arrays(path, "--resume")
+        _, _, arrays = qmle.saved_settings(qmle.Args(resume=args.directory or tmp))  # as --resume reads it
         restored = jax.block_until_ready(qmle.restore(run, arrays, "--resume"))
         read_s = time.perf_counter() - start
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(run), jax.tree.leaves(restored)))
     if not same:
         fail("the checkpoint read back differs from what was written")
     storage = sum(np.asarray(x).nbytes for x in jax.tree.leaves(run["buffer"].storage))
-    return dict(env_id=args.env_id, transitions=args.transitions, bytes=size, replay_storage_bytes=storage,
-                bytes_per_transition=storage / args.transitions, write_s=write_s, read_s=read_s,
-                write_mb_per_s=size / 1e6 / write_s, read_mb_per_s=size / 1e6 / read_s)
+    return dict(
+        env_id=args.env_id,
+        transitions=args.transitions,
+        bytes=size,
+        replay_storage_bytes=storage,
+        bytes_per_transition=storage / args.transitions,
+        write_s=write_s,
+        read_s=read_s,
+        write_mb_per_s=size / 1e6 / write_s,
+        read_mb_per_s=size / 1e6 / read_s,
+    )
 
 
 def main(args: Args) -> None:
@@ -96,16 +116,18 @@ def main(args: Args) -> None:
         fail(f"--directory: no such directory: {args.directory}")
     qmle.make_env(args.env_id, 0).close()  # an unknown id fails here with its one line
     r = measure(args)
-    print(f"| task | transitions | checkpoint | of it replay storage | per transition | write | read |\n"
-          f"|---|---|---|---|---|---|---|\n"
-          f"| {r['env_id']} | {r['transitions']:,} | {r['bytes'] / 1e9:.2f} GB | {r['replay_storage_bytes'] / 1e9:.2f} GB "
-          f"| {r['bytes_per_transition']:,.0f} B | {r['write_s']:.1f} s ({r['write_mb_per_s']:.0f} MB/s) "
-          f"| {r['read_s']:.1f} s ({r['read_mb_per_s']:.0f} MB/s) |")
+    print(
+        f"| task | transitions | checkpoint | of it replay storage | per transition | write | read |\n"
+        f"|---|---|---|---|---|---|---|\n"
+        f"| {r['env_id']} | {r['transitions']:,} | {r['bytes'] / 1e9:.2f} GB "
+        f"| {r['replay_storage_bytes'] / 1e9:.2f} GB "
+        f"| {r['bytes_per_transition']:,.0f} B | {r['write_s']:.1f} s ({r['write_mb_per_s']:.0f} MB/s) "
+        f"| {r['read_s']:.1f} s ({r['read_mb_per_s']:.0f} MB/s) |"
+    )
     if args.output:
         with open(args.output, "w") as f:
             json.dump(r, f, indent=1)
 
 
 if __name__ == "__main__":
-    qmle.check_whole_numbers(Args, sys.argv[1:])  # the agents' own check: one line, status 1
     main(tyro.cli(Args))

@@ -51,7 +51,7 @@ part jobs 90 env -u XLA_PYTHON_CLIENT_PREALLOCATE python3 "$repo/benchmarks/lear
 kill $sampler
 tail -n 3 "$scratch"/runs/logs/*.log >> "$out/jobs.log" 2>&1
 
-cache=(python3 "$repo/qmle_dmc.py" --env-id dog-walk --total-timesteps 1100 --eval-frequency 0 --xla-cache "$scratch/xla")
+cache=(env JAX_COMPILATION_CACHE_DIR="$scratch/xla" python3 "$repo/qmle_dmc.py" --env-id dog-walk --total-timesteps 1100 --eval-frequency 0)
 part cache_first 70 "${cache[@]}" --exp-name cache_first
 part cache_second 50 "${cache[@]}" --exp-name cache_second
 

@@ -126,8 +126,16 @@ def training_sps(agent, env_id: str, timesteps: int, num_envs: int = 1) -> tuple
         cwd = os.getcwd()
         os.chdir(tmp)
         try:
-            agent.main(agent.Args(env_id=env_id, total_timesteps=timesteps, num_envs=num_envs, eval_frequency=0,
-                                  log_frequency=500, exp_name="speed", xla_cache=""))
+            agent.main(
+                agent.Args(
+                    env_id=env_id,
+                    total_timesteps=timesteps,
+                    num_envs=num_envs,
+                    eval_frequency=0,
+                    log_frequency=500,
+                    exp_name="speed",
+                )
+            )
             (path,) = glob.glob("runs/*/metrics.csv")
             rows = [r.split(",") for r in open(path).read().splitlines()]
         finally:
@@ -181,25 +189,27 @@ def qmle_parts(env_id, obs_dim, action_dim, batch, keys):
     d = qmle.Args(env_id=env_id)
     model = qmle.QMLENetwork(action_dim, d.num_bins)
     params = jax.jit(model.init)(keys[0], jnp.zeros((1, obs_dim)), jnp.zeros((1, 1, action_dim)))
-    split = functools.partial(qmle.Budget.split, rho_uniform=d.rho_uniform, rho_delta=d.rho_delta,
-                              rho_categorical=d.rho_categorical, grid_fraction=d.grid_fraction)
-    target_budget, greedy_budget = split(d.m_target), split(d.m_greedy)
-    target = jax.jit(functools.partial(qmle.target_argmax, model, budget=target_budget, noise_std=d.delta_noise_std))
+    rhos = (d.rho_uniform, d.rho_delta, d.rho_categorical, d.grid_fraction)
+    target_budget, greedy_budget = qmle.Budget.split(d.m_target, *rhos), qmle.Budget.split(d.m_greedy, *rhos)
+    cfg = qmle.UpdateConfig(target_budget, 1, *(getattr(d, k) for k in qmle.UpdateConfig._fields[2:]))
+    target = jax.jit(lambda p, o, c, k: qmle.target_argmax(model, p, o, c, k, cfg))
     state = qmle.QMLEState.create(apply_fn=model.apply, params=params, target_params=params, tx=optax.adam(1e-4))
     predictors = lambda states: states * (2 * 128 * 128 + 128 * action_dim * (1 + d.num_bins))  # noqa: E731
     target_macs = q_macs(obs_dim, action_dim, d.batch_size, sum(target_budget) + 1) + predictors(d.batch_size)
     return dict(
         target=lambda k: target(params, batch["next_obs"], batch["argmax"], k),
-        act=lambda obs, k: qmle.act(model, params, obs, k, jnp.zeros(len(qmle.SOURCES)), d.epsilon, greedy_budget,
-                                    d.delta_noise_std)[0],
-        state=state, transitions=batch,
-        update=functools.partial(qmle.update, model, gamma=d.gamma, batch_size=d.batch_size, budget=target_budget,
-                                 noise_std=d.delta_noise_std, prioritized=True, alpha=d.priority_exponent,
-                                 beta=d.importance_exponent, priority_epsilon=d.priority_epsilon),
+        act=lambda obs, k: qmle.act(
+            model, params, obs, k, jnp.zeros(len(qmle.SOURCES)), d.epsilon, greedy_budget, d.delta_noise_std
+        )[0],
+        state=state,
+        transitions=batch,
+        update=lambda updates: functools.partial(qmle.update, model, cfg=cfg._replace(updates=updates)),
         target_gflop=2 * target_macs / 1e9,
         act_gflop=2 * (q_macs(obs_dim, action_dim, 1, d.m_greedy) + predictors(1)) / 1e9,
-        update_gflop=2 * (target_macs + training_macs(obs_dim, action_dim, d.batch_size)
-                          + 3 * predictors(d.batch_size)) / 1e9)
+        update_gflop=2
+        * (target_macs + training_macs(obs_dim, action_dim, d.batch_size) + 3 * predictors(d.batch_size))
+        / 1e9,
+    )
 
 
 def qtopt_parts(env_id, obs_dim, action_dim, batch, keys):
@@ -209,20 +219,22 @@ def qtopt_parts(env_id, obs_dim, action_dim, batch, keys):
     params = jax.jit(model.init)(keys[0], jnp.zeros((1, obs_dim)), jnp.zeros((1, 1, action_dim)))
     cem = qtopt.CEM(d.cem_samples, d.cem_elites, d.cem_iterations, d.cem_min_std)
     target = jax.jit(functools.partial(qtopt.clipped_double_q, model, cem=cem))
-    state = qtopt.QTOptState.create(apply_fn=model.apply, params=params, target_params=params, lagged_params=params,
-                                    tx=optax.adam(1e-4))
+    cfg = qtopt.UpdateConfig(cem, 1, *(getattr(d, n) for n in qtopt.UpdateConfig._fields[2:]))
+    state = qtopt.QTOptState.create(
+        apply_fn=model.apply, params=params, target_params=params, lagged_params=params, tx=optax.adam(1e-4)
+    )
     searched = d.cem_samples * d.cem_iterations
     target_macs = q_macs(obs_dim, action_dim, d.batch_size, searched) + q_macs(obs_dim, action_dim, d.batch_size, 1)
     return dict(
         target=lambda k: target(params, params, batch["next_obs"], k),
         act=lambda obs, k: qtopt.act(model, params, obs, k, jnp.zeros(2), d.epsilon, cem)[0],
-        state=state, transitions={k: v for k, v in batch.items() if k != "argmax"},
-        update=functools.partial(qtopt.update, model, gamma=d.gamma, batch_size=d.batch_size, cem=cem,
-                                 prioritized=True, alpha=d.priority_exponent, beta=d.importance_exponent,
-                                 priority_epsilon=d.priority_epsilon),
+        state=state,
+        transitions={k: v for k, v in batch.items() if k != "argmax"},
+        update=lambda updates: functools.partial(qtopt.update, model, cfg=cfg._replace(updates=updates)),
         target_gflop=2 * target_macs / 1e9,  # CEM's samples, then the lagged Q at its arg-max
         act_gflop=2 * q_macs(obs_dim, action_dim, 1, searched) / 1e9,
-        update_gflop=2 * (target_macs + training_macs(obs_dim, action_dim, d.batch_size)) / 1e9)
+        update_gflop=2 * (target_macs + training_macs(obs_dim, action_dim, d.batch_size)) / 1e9,
+    )
 
 
 def aql_parts(env_id, obs_dim, action_dim, batch, keys):
@@ -234,24 +246,33 @@ def aql_parts(env_id, obs_dim, action_dim, batch, keys):
     params = jax.jit(model.init)(keys[0], jnp.zeros((1, obs_dim)), bins[:1, None])
     search = dict(n_proposal=d.n_proposal, m_uniform=d.m_uniform)
     target = jax.jit(functools.partial(aql.search_argmax, model, **search))
+    cfg = aql.UpdateConfig(1, 0, *(getattr(d, n) for n in aql.UpdateConfig._fields[2:]))
     state = aql.AQLState.create(apply_fn=model.apply, params=params, target_params=params, tx=optax.adam(1e-4))
     candidates = d.n_proposal + d.m_uniform
     # the proposal's MLP on every sub-action step of every proposal sample (embedding, one-hots, hidden, logits)
-    proposal = lambda states: states * (128 * d.proposal_hidden  # noqa: E731
-                                        + d.n_proposal * action_dim * d.proposal_hidden * d.num_bins)
+    proposal = lambda states: states * (
+        128 * d.proposal_hidden  # noqa: E731
+        + d.n_proposal * action_dim * d.proposal_hidden * d.num_bins
+    )
     target_macs = q_macs(obs_dim, action_dim, d.batch_size, candidates) + proposal(d.batch_size)
     return dict(
         target=lambda k: target(params, batch["next_obs"], k),
         act=lambda obs, k: aql.act(model, params, obs, k, jnp.zeros(2), d.epsilon, **search)[0],
-        state=state, transitions=dict(obs=batch["obs"], action=bins, reward=batch["reward"],
-                                      next_obs=batch["next_obs"], terminated=batch["terminated"]),
-        update=functools.partial(aql.update, model, gamma=d.gamma, batch_size=d.batch_size,
-                                 entropy_coef=d.entropy_coef, prioritized=True, alpha=d.priority_exponent,
-                                 beta=d.importance_exponent, priority_epsilon=d.priority_epsilon, **search),
+        state=state,
+        transitions=dict(
+            obs=batch["obs"],
+            action=bins,
+            reward=batch["reward"],
+            next_obs=batch["next_obs"],
+            terminated=batch["terminated"],
+        ),
+        update=lambda updates: functools.partial(aql.update, model, cfg=cfg._replace(updates=updates)),
         target_gflop=2 * target_macs / 1e9,
         act_gflop=2 * (q_macs(obs_dim, action_dim, 1, candidates) + proposal(1)) / 1e9,
-        update_gflop=2 * (target_macs + training_macs(obs_dim, action_dim, d.batch_size)
-                          + 3 * d.batch_size * 128 * d.proposal_hidden) / 1e9)  # + teacher-forced log-probs, small
+        update_gflop=2
+        * (target_macs + training_macs(obs_dim, action_dim, d.batch_size) + 3 * d.batch_size * 128 * d.proposal_hidden)
+        / 1e9,
+    )  # + teacher-forced log-probs, small
 
 
 AGENTS = {"qmle_dmc": (qmle, qmle_parts), "qtopt_cem": (qtopt, qtopt_parts), "aql_discrete": (aql, aql_parts)}
@@ -278,8 +299,14 @@ def measure(agent_name: str, env_id: str, num_envs: int, args: Args, matmul: flo
     size = agent.Args.batch_size
     actions = jax.random.uniform(keys[1], (size, action_dim), minval=-1, maxval=1)
     observations = jax.random.normal(keys[2], (size, obs_dim))
-    batch = dict(obs=observations, action=actions, reward=jnp.ones(size), next_obs=observations,
-                 terminated=jnp.zeros(size), argmax=actions)
+    batch = dict(
+        obs=observations,
+        action=actions,
+        reward=jnp.ones(size),
+        next_obs=observations,
+        terminated=jnp.zeros(size),
+        argmax=actions,
+    )
     parts = parts_of(env_id, obs_dim, action_dim, batch, keys)
     target_ms = median_ms(parts["target"], keys[3], repeats=args.repeats)
     obs = np.asarray(observations[:num_envs])  # a host array, as the environments give it
@@ -292,7 +319,7 @@ def measure(agent_name: str, env_id: str, num_envs: int, args: Args, matmul: flo
     transitions = parts["transitions"]
     buffer = prefilled_buffer(agent, transitions, agent.Args.buffer_size)
     new = jax.tree.map(lambda x: jnp.resize(x, (rows, *x.shape[1:])), transitions)
-    train = functools.partial(parts["update"], updates=rows // train_frequency)
+    train = parts["update"](rows // train_frequency)  # the agent's update with its settings, as main() binds them
     state, buffer, _ = train(parts["state"], buffer, new, keys[0])
     jax.block_until_ready(buffer)
     times = []
@@ -309,25 +336,47 @@ def measure(agent_name: str, env_id: str, num_envs: int, args: Args, matmul: flo
     release = RELEASE_SPS.get(env_id) if num_envs == 1 else None
     step = breakdown(num_envs, train_frequency, steady_sps, physics, act_ms, update_ms)
     bounds = flop_bound(parts, train_frequency, steady_sps, matmul, physics / num_envs)
-    return dict(agent=agent_name, env_id=env_id, num_envs=num_envs, action_dim=action_dim, obs_dim=obs_dim,
-                sps_cumulative=cumulative_sps, sps_after_compile=steady_sps, physics_sps=1e3 * num_envs / physics,
-                release_sps=release, speedup_after_compile=steady_sps / release if release else None,
-                **step, **bounds, **kernels_bound(step, bounds["flop_bound_sps"]),
-                matmul_ms=matmul, target_eval_ms=target_ms, target_eval_over_matmul=target_ms / matmul,
-                update_ms=update_ms, update_over_matmul=update_ms / matmul, greedy_action_ms=act_ms,
-                target_eval_gflop=parts["target_gflop"],
-                target_eval_fraction_of_matmul_rate=(parts["target_gflop"] / target_ms) / matmul_gflop_per_ms(matmul))
+    return dict(
+        agent=agent_name,
+        env_id=env_id,
+        num_envs=num_envs,
+        action_dim=action_dim,
+        obs_dim=obs_dim,
+        sps_cumulative=cumulative_sps,
+        sps_after_compile=steady_sps,
+        physics_sps=1e3 * num_envs / physics,
+        release_sps=release,
+        speedup_after_compile=steady_sps / release if release else None,
+        **step,
+        **bounds,
+        **kernels_bound(step, bounds["flop_bound_sps"]),
+        matmul_ms=matmul,
+        target_eval_ms=target_ms,
+        target_eval_over_matmul=target_ms / matmul,
+        update_ms=update_ms,
+        update_over_matmul=update_ms / matmul,
+        greedy_action_ms=act_ms,
+        target_eval_gflop=parts["target_gflop"],
+        target_eval_fraction_of_matmul_rate=(parts["target_gflop"] / target_ms) / matmul_gflop_per_ms(matmul),
+    )
 
 
-def breakdown(num_envs: int, train_frequency: int, steady_sps: float, physics: float, act_ms: float,
-              update_ms: float) -> dict:
+def breakdown(
+    num_envs: int, train_frequency: int, steady_sps: float, physics: float, act_ms: float, update_ms: float
+) -> dict:
     """Milliseconds per environment step: physics, greedy action and update, each as measured alone and shared
     by the N environments of a vector step, and the rest of the loop's own time per step (Python, logging,
     copies to the host), which is what the steady rate leaves over after the three."""
-    step = dict(physics=physics / num_envs, greedy_action=act_ms / num_envs,
-                update=update_ms / math.lcm(num_envs, train_frequency))
-    return dict(step_ms=1e3 / steady_sps, **{f"{k}_ms_per_step": v for k, v in step.items()},
-                rest_ms_per_step=1e3 / steady_sps - sum(step.values()))
+    step = dict(
+        physics=physics / num_envs,
+        greedy_action=act_ms / num_envs,
+        update=update_ms / math.lcm(num_envs, train_frequency),
+    )
+    return dict(
+        step_ms=1e3 / steady_sps,
+        **{f"{k}_ms_per_step": v for k, v in step.items()},
+        rest_ms_per_step=1e3 / steady_sps - sum(step.values()),
+    )
 
 
 def matmul_gflop_per_ms(matmul: float) -> float:
@@ -344,8 +393,13 @@ def flop_bound(parts: dict, train_frequency: int, steady_sps: float, matmul: flo
     step_gflop = parts["act_gflop"] + parts["update_gflop"] / train_frequency
     bound = 1e3 * matmul_gflop_per_ms(matmul) / step_gflop
     with_physics = 1e3 / (1e3 / bound + physics_per_step)
-    return dict(step_gflop=step_gflop, flop_bound_sps=bound, fraction_of_flop_bound=steady_sps / bound,
-                flop_and_physics_bound_sps=with_physics, fraction_of_flop_and_physics_bound=steady_sps / with_physics)
+    return dict(
+        step_gflop=step_gflop,
+        flop_bound_sps=bound,
+        fraction_of_flop_bound=steady_sps / bound,
+        flop_and_physics_bound_sps=with_physics,
+        fraction_of_flop_and_physics_bound=steady_sps / with_physics,
+    )
 
 
 def measure_wolpertinger(num_actions: int, args: Args, matmul: float) -> dict:
@@ -360,30 +414,34 @@ def measure_wolpertinger(num_actions: int, args: Args, matmul: float) -> dict:
     nets = wolp.Networks(wolp.Actor(table.shape[1]), wolp.Critic(), k)
     obs, _ = env.reset(seed=0)
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
-    params = dict(actor=jax.jit(nets.actor.init)(keys[0], obs[None]),
-                  critic=jax.jit(nets.critic.init)(keys[1], obs[None], table[None, :1]))
+    params = dict(
+        actor=jax.jit(nets.actor.init)(keys[0], obs[None]),
+        critic=jax.jit(nets.critic.init)(keys[1], obs[None], table[None, :1]),
+    )
     proto = jax.random.uniform(keys[2], (1, table.shape[1]), minval=-1, maxval=1)
     knn_ms = median_ms(lambda q: wolp.nearest_actions(table, q, k), proto, repeats=args.repeats)
-    act_ms = median_ms(lambda key: wolp.select_action(nets, params, table, obs[None], key, d.exploration_noise, 0.0),
-                       keys[3], repeats=args.repeats)
+    act = lambda key: wolp.act(nets, table, params, obs[None], key, jnp.zeros(2, jnp.int32), d.exploration_noise, 0.0)
+    act_ms = median_ms(lambda key: act(key)[0], keys[3], repeats=args.repeats)
 
     size = d.batch_size
     observations = jax.random.normal(keys[2], (size, obs.shape[0]))
-    transitions = dict(obs=observations, action=table[:size], reward=jnp.ones(size), next_obs=observations,
-                       terminated=jnp.zeros(size))
+    transitions = dict(
+        obs=observations, action=table[:size], reward=jnp.ones(size), next_obs=observations, terminated=jnp.zeros(size)
+    )
     buffer = prefilled_buffer(wolp, transitions, d.buffer_size)
-    states = [wolp.DDPGState.create(apply_fn=None, params=p, target_params=p, tx=optax.adam(d.learning_rate))
-              for p in (params["actor"], params["critic"])]
+    states = {
+        name: wolp.DDPGState.create(apply_fn=None, params=p, target_params=p, tx=optax.adam(d.learning_rate))
+        for name, p in params.items()
+    }
     new = jax.tree.map(lambda x: x[: d.train_frequency], transitions)
     update_ms = []
+    cfg = wolp.UpdateConfig(1, *(getattr(d, n) for n in wolp.UpdateConfig._fields[1:]))
     for phase in range(2):  # with --policy-frequency 2: a critic-only update, then one with the actor
-        train = functools.partial(wolp.update, nets, gamma=d.gamma, tau=d.tau, batch_size=size, prioritized=False,
-                                  alpha=d.priority_exponent, beta=d.importance_exponent,
-                                  priority_epsilon=d.priority_epsilon, policy_frequency=2, phase=1 - phase)
+        train = functools.partial(wolp.update, nets, cfg=cfg, phase=1 - phase)
         times = []
         for i in range(args.repeats + 1):  # the first call compiles
             start = time.perf_counter()
-            *states, buffer, _ = train(*states, buffer, new, table, jax.random.PRNGKey(i))
+            states, buffer, _ = train(states, buffer, new, table, jax.random.PRNGKey(i))
             jax.block_until_ready(buffer)
             times.append(time.perf_counter() - start)
         update_ms.append(1e3 * float(np.median(times[1:])))
@@ -394,9 +452,21 @@ def measure_wolpertinger(num_actions: int, args: Args, matmul: float) -> dict:
         env.step(env.action_space.sample())
     env_ms = 1e3 * (time.perf_counter() - start) / 200
     step_ms = act_ms + env_ms + float(np.mean(update_ms)) / d.train_frequency
-    return dict(agent="wolpertinger", env_id=d.env_id, num_actions=int(table.shape[0]), k=k, matmul_ms=matmul,
-                knn_ms=knn_ms, act_ms=act_ms, act_over_matmul=act_ms / matmul, update_ms=float(np.mean(update_ms)),
-                env_step_ms=env_ms, step_ms=step_ms, knn_share_of_step=knn_ms / step_ms, steps_per_second=1e3 / step_ms)
+    return dict(
+        agent="wolpertinger",
+        env_id=d.env_id,
+        num_actions=int(table.shape[0]),
+        k=k,
+        matmul_ms=matmul,
+        knn_ms=knn_ms,
+        act_ms=act_ms,
+        act_over_matmul=act_ms / matmul,
+        update_ms=float(np.mean(update_ms)),
+        env_step_ms=env_ms,
+        step_ms=step_ms,
+        knn_share_of_step=knn_ms / step_ms,
+        steps_per_second=1e3 / step_ms,
+    )
 
 
 def kernels_bound(step: dict, flop_bound_sps: float) -> dict:
@@ -440,37 +510,48 @@ def main(args: Args) -> None:
                 save(args, results + wolpertinger_results)  # after each, so that a run cut short keeps what it has
     print(f"\n{device_name()}, jax {jax.__version__}")
     if results:
-        print("\n| agent | task | N | steps/s after compile | physics alone | FLOP-bound | steady / FLOP-bound "
-              "| FLOP + physics bound (steady / it) | kernels alone (over FLOP-bound) "
-              "| ms per step: physics, greedy action, update, rest | steps/s cumulative (x release) |")
+        print(
+            "\n| agent | task | N | steps/s after compile | physics alone | FLOP-bound | steady / FLOP-bound "
+            "| FLOP + physics bound (steady / it) | kernels alone (over FLOP-bound) "
+            "| ms per step: physics, greedy action, update, rest | steps/s cumulative (x release) |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             release = f" ({r['sps_cumulative'] / r['release_sps']:.2f}x)" if r["release_sps"] else ""
-            print(f"| {r['agent']} | {r['env_id']} | {r['num_envs']} | {r['sps_after_compile']:.0f} "
-                  f"| {r['physics_sps']:.0f} | {r['flop_bound_sps']:.0f} | {r['fraction_of_flop_bound']:.2f} "
-                  f"| {r['flop_and_physics_bound_sps']:.0f} ({r['fraction_of_flop_and_physics_bound']:.2f}) "
-                  f"| {r['kernels_bound_sps']:.0f} ({r['kernels_cap_on_fraction']:.2f}) "
-                  f"| {r['physics_ms_per_step']:.2f}, {r['greedy_action_ms_per_step']:.2f}, "
-                  f"{r['update_ms_per_step']:.2f}, {r['rest_ms_per_step']:.2f} | {r['sps_cumulative']:.0f}{release} |")
-        print("\n| agent | task | N | matmul ms | target eval ms (x matmul) | its FLOP rate / matmul's "
-              "| update call ms (x matmul) | greedy action ms |")
+            print(
+                f"| {r['agent']} | {r['env_id']} | {r['num_envs']} | {r['sps_after_compile']:.0f} "
+                f"| {r['physics_sps']:.0f} | {r['flop_bound_sps']:.0f} | {r['fraction_of_flop_bound']:.2f} "
+                f"| {r['flop_and_physics_bound_sps']:.0f} ({r['fraction_of_flop_and_physics_bound']:.2f}) "
+                f"| {r['kernels_bound_sps']:.0f} ({r['kernels_cap_on_fraction']:.2f}) "
+                f"| {r['physics_ms_per_step']:.2f}, {r['greedy_action_ms_per_step']:.2f}, "
+                f"{r['update_ms_per_step']:.2f}, {r['rest_ms_per_step']:.2f} | {r['sps_cumulative']:.0f}{release} |"
+            )
+        print(
+            "\n| agent | task | N | matmul ms | target eval ms (x matmul) | its FLOP rate / matmul's "
+            "| update call ms (x matmul) | greedy action ms |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for r in results:
-            print(f"| {r['agent']} | {r['env_id']} | {r['num_envs']} | {r['matmul_ms']:.1f} "
-                  f"| {r['target_eval_ms']:.1f} ({r['target_eval_over_matmul']:.2f}x) "
-                  f"| {r['target_eval_fraction_of_matmul_rate']:.2f} "
-                  f"| {r['update_ms']:.1f} ({r['update_over_matmul']:.2f}x) | {r['greedy_action_ms']:.2f} |")
+            print(
+                f"| {r['agent']} | {r['env_id']} | {r['num_envs']} | {r['matmul_ms']:.1f} "
+                f"| {r['target_eval_ms']:.1f} ({r['target_eval_over_matmul']:.2f}x) "
+                f"| {r['target_eval_fraction_of_matmul_rate']:.2f} "
+                f"| {r['update_ms']:.1f} ({r['update_over_matmul']:.2f}x) | {r['greedy_action_ms']:.2f} |"
+            )
     if wolpertinger_results:
-        print("\n| agent | task | actions | k | matmul ms | k-NN ms | whole action ms (x matmul) | update ms "
-              "| env step ms | training step ms | k-NN share of a step | steps/s |")
+        print(
+            "\n| agent | task | actions | k | matmul ms | k-NN ms | whole action ms (x matmul) | update ms "
+            "| env step ms | training step ms | k-NN share of a step | steps/s |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in wolpertinger_results:
-            print(f"| wolpertinger | {r['env_id']} | {r['num_actions']:,} | {r['k']:,} | {r['matmul_ms']:.1f} "
-                  f"| {r['knn_ms']:.2f} | {r['act_ms']:.2f} ({r['act_over_matmul']:.2f}x) | {r['update_ms']:.2f} "
-                  f"| {r['env_step_ms']:.3f} | {r['step_ms']:.2f} | {r['knn_share_of_step']:.0%} "
-                  f"| {r['steps_per_second']:.0f} |")
+            print(
+                f"| wolpertinger | {r['env_id']} | {r['num_actions']:,} | {r['k']:,} | {r['matmul_ms']:.1f} "
+                f"| {r['knn_ms']:.2f} | {r['act_ms']:.2f} ({r['act_over_matmul']:.2f}x) | {r['update_ms']:.2f} "
+                f"| {r['env_step_ms']:.3f} | {r['step_ms']:.2f} | {r['knn_share_of_step']:.0%} "
+                f"| {r['steps_per_second']:.0f} |"
+            )
 
 
 if __name__ == "__main__":
-    qmle.check_whole_numbers(Args, sys.argv[1:])  # the agents' own check: one line, status 1
     main(tyro.cli(Args))

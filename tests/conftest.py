@@ -1,18 +1,23 @@
 import contextlib
 import gc
 import glob
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 # The suite compiles hundreds of small XLA programs, and at these sizes LLVM's optimisation passes are most of each
 # compile's time. Without them the same programs run, a little slower, to results equal up to float rounding (not
 # bit for bit: LLVM reorders some sums). The scripts the tests start as subprocesses inherit the setting.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# The agents' persistent compilation cache, shared by the suite's processes and kept out of the user's ~/.cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "qmle-jax-tests-xla"))
 
 import jax  # noqa: E402 (after XLA_FLAGS, which XLA reads once)
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,15 +27,27 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 def run_script(script, *flags, cwd=None, env=None, timeout=600):
     """Run one of the project's scripts as a user would, capturing what it prints."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *flags],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def interrupt(script, flags, cwd, env=None, after="step      300"):
     """Start a script as a user would, press Ctrl-C (SIGINT) once it prints a line starting with `after` (it is
     training, past compiling), and return the finished process's (return code, stdout, stderr)."""
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, script), *flags],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in process.stdout:
         if line.startswith(after):
             break
@@ -39,15 +56,21 @@ def interrupt(script, flags, cwd, env=None, after="step      300"):
     return process.returncode, stdout, stderr
 
 
+def load_saved(path):
+    """(meta, {name: array}) of a model or checkpoint an agent saved: an .npz with a JSON header under __meta__."""
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    return json.loads(str(arrays.pop("__meta__"))), arrays
+
+
 def run_in_process(agent, directory, monkeypatch, **settings):
-    """Run an agent's main() here (a warm jit cache makes repeated runs cheap), with the persistent XLA cache
-    off: it stays configured for the whole process once a run turns it on. Return the run directory and its
+    """Run an agent's main() here (a warm jit cache makes repeated runs cheap); return the run directory and its
     checkpoint (meta, arrays)."""
     monkeypatch.chdir(directory)
-    args = agent.Args(**dict(settings, xla_cache=""))
+    args = agent.Args(**settings)
     agent.main(args)
     run_dir = args.resume or max(glob.glob(f"runs/*__{args.exp_name}__*"), key=os.path.getmtime)
-    return run_dir, agent.load_arrays(agent.checkpoint_file(run_dir), "--resume")
+    return run_dir, load_saved(os.path.join(run_dir, "checkpoint.npz"))
 
 
 @contextlib.contextmanager
@@ -68,7 +91,7 @@ def counting_compiles():
 
 def saved(arrays, prefix):
     """The arrays of a saved pytree under one path prefix, keyed by the rest of their path."""
-    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
 @jax.jit
@@ -93,7 +116,6 @@ def q_reference(params, obs, actions):
     w_in = jnp.concatenate([p["joint_in_obs"]["kernel"], p["joint_in_act"]["kernel"]], 0)
     h = relu(x @ w_in + p["joint_in_obs"]["bias"]) @ p["joint_out"]["kernel"] + p["joint_out"]["bias"]
     return dense("q_head", elu(norm("joint_norm", x + h)))[..., 0]
-
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -66,7 +66,7 @@ def test_reward_2d_modes_and_starting_basin():
     assert np.linalg.norm(best - np.asarray(bi.OPT_CENTRE)) < 0.02 and r.max() > 1.0
     # a strict local maximum near the sub-optimal centre, lower than the optimum
     i, j = 100 + int(round(-0.35 * 100)), 100 + int(round(-0.35 * 100))
-    assert r[i, j] == r[i - 1:i + 2, j - 1:j + 2].max() and 0.55 < r[i, j] < 0.65
+    assert r[i, j] == r[i - 1 : i + 2, j - 1 : j + 2].max() and 0.55 < r[i, j] < 0.65
     # every start on the boundary of the initial disc climbs to the sub-optimal mode (numpy finite differences)
     f = lambda x: float(bi.reward_2d(jnp.asarray(x, jnp.float32)))  # noqa: E731
     for angle in np.linspace(0, 2 * np.pi, 12, endpoint=False):
@@ -100,8 +100,9 @@ def results(tmp_path_factory):
 
 def test_results_file_and_figures(results):
     out, res = results
-    assert set(res) == {f"{lrn}/{s}" for lrn in ("dpg", "qmle_local", "qmle_global")
-                        for s in ("epsilon", "gaussian", "ou")}
+    assert set(res) == {
+        f"{lrn}/{s}" for lrn in ("dpg", "qmle_local", "qmle_global") for s in ("epsilon", "gaussian", "ou")
+    }
     for cell in res.values():
         assert set(cell) == {"fraction_global", "final_reward"}
         k = cell["fraction_global"] * 3  # a fraction of 3 seeds
@@ -123,14 +124,17 @@ def test_documented_outcomes_on_fixed_seeds(results):
             assert 0.55 < res[f"{lrn}/{s}"]["final_reward"] < 0.65
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--num-seeds", "0"], "--num-seeds must be >= 1"),
-    (["--output-dir", __file__], "exists and is not a folder"),
-    (["--ou-theta", "inf"], "--ou-theta must be a finite number, got inf"),
-    (["--epsilon", "nan"], "--epsilon must be a finite number, got nan"),
-    (["--init-radius", "0.7"], "--init-radius must be < 0.65"),  # the delta would start outside the action box
-    (["--buffer-size", "4"], "--buffer-size must hold the 16 pulls written per step (--pulls-per-step), got 4"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-seeds", "0"], "--num-seeds must be >= 1"),
+        (["--output-dir", __file__], "exists and is not a folder"),
+        (["--ou-theta", "inf"], "--ou-theta must be a finite number, got inf"),
+        (["--epsilon", "nan"], "--epsilon must be a finite number, got nan"),
+        (["--init-radius", "0.7"], "--init-radius must be < 0.65"),  # the delta would start outside the action box
+        (["--buffer-size", "4"], "--buffer-size must hold the 16 pulls written per step (--pulls-per-step), got 4"),
+    ],
+)
 def test_bad_arguments_fail_with_one_line(argv, message):
     proc = run_script("bandit_illustration.py", *argv, timeout=120)
     assert proc.returncode != 0

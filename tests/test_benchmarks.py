@@ -10,9 +10,9 @@ import sys
 import pytest
 import tyro
 import yaml
+from conftest import ROOT, run_script
 
 import qmle_dmc as q
-from conftest import ROOT, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -51,8 +51,10 @@ def test_the_reference_matmul_is_its_fastest_call(monkeypatch):
     assert shapes == [((25_856, 256), (256, 256), 30)]
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or speed.jax.devices()[0].platform != "cpu",
-                    reason="names CPU cores only: no CPU affinity here, or JAX runs on an accelerator")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or speed.jax.devices()[0].platform != "cpu",
+    reason="names CPU cores only: no CPU affinity here, or JAX runs on an accelerator",
+)
 def test_the_speed_benchmark_names_the_cores_it_may_use(monkeypatch):
     # a run under `taskset -c 0` gets one core's threads: its figures must not claim the machine's two
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
@@ -86,16 +88,17 @@ def test_speed_benchmark_times_every_agent_against_the_matmul(monkeypatch, tmp_p
     small = speed.prefilled_buffer  # the benchmark times updates against a 1e6 buffer; 4096 slots do here
     monkeypatch.setattr(speed, "prefilled_buffer", lambda agent, transitions, capacity: small(agent, transitions, 4096))
     output = tmp_path / "speed.json"
-    speed.main(speed.Args(env_ids=["walker-walk"], agents=list(speed.AGENTS), num_envs=[4], repeats=1,
-                          output=str(output)))
+    speed.main(
+        speed.Args(env_ids=["walker-walk"], agents=list(speed.AGENTS), num_envs=[4], repeats=1, output=str(output))
+    )
     results = {(r["agent"], r["num_envs"]): r for r in __import__("json").load(open(output))["results"]}
     assert set(results) == {(a, 4) for a in ("qmle_dmc", "qtopt_cem", "aql_discrete")}
-    for (agent, num_envs), r in results.items():
+    for r in results.values():
         assert r["target_eval_over_matmul"] == pytest.approx(r["target_eval_ms"] / r["matmul_ms"])
         assert 0 < r["target_eval_fraction_of_matmul_rate"] and r["greedy_action_ms"] > 0
         assert r["physics_sps"] == pytest.approx(2000.0)  # 0.5 ms per environment, whatever N
         assert r["update_ms_per_step"] == pytest.approx(r["update_ms"] / 20)  # one call per lcm(4, 10) steps
-        assert r["greedy_action_ms_per_step"] == pytest.approx(r["greedy_action_ms"] / num_envs)
+        assert r["greedy_action_ms_per_step"] == pytest.approx(r["greedy_action_ms"] / r["num_envs"])
         # the FLOP-bound rate: the matmul's GFLOP/s over one step's GFLOP (greedy action + a tenth of an update)
         matmul_rate = 2 * 25_856 * 256 * 256 / 1e9 / (r["matmul_ms"] / 1e3)
         step_gflop = r["step_gflop"]
@@ -129,16 +132,26 @@ def test_a_step_splits_into_physics_action_update_and_the_rest():
     # 16 environments at 500 steps/s: 2 ms per step; a vector step's 8 ms of physics and 4 ms of action are
     # shared by 16, an update call's 20 ms by lcm(16, 10) = 80 steps, and 2 - 0.5 - 0.25 - 0.25 ms is left over.
     parts = speed.breakdown(16, 10, 500.0, physics=8.0, act_ms=4.0, update_ms=20.0)
-    assert parts == pytest.approx(dict(step_ms=2.0, physics_ms_per_step=0.5, greedy_action_ms_per_step=0.25,
-                                       update_ms_per_step=0.25, rest_ms_per_step=1.0))
+    assert parts == pytest.approx(
+        dict(
+            step_ms=2.0,
+            physics_ms_per_step=0.5,
+            greedy_action_ms_per_step=0.25,
+            update_ms_per_step=0.25,
+            rest_ms_per_step=1.0,
+        )
+    )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--timesteps", "100"], "--timesteps must be >= 2500, got 100"),
-    (["--num-envs", "0"], "--num-envs must be >= 1, got 0"),
-    (["--agents", "dqn"], "unknown agent 'dqn'"),
-    (["--env-ids", "walker-wlak"], "unknown --env-id 'walker-wlak'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--timesteps", "100"], "--timesteps must be >= 2500, got 100"),
+        (["--num-envs", "0"], "--num-envs must be >= 1, got 0"),
+        (["--agents", "dqn"], "unknown agent 'dqn'"),
+        (["--env-ids", "walker-wlak"], "unknown --env-id 'walker-wlak'"),
+    ],
+)
 def test_bad_flags_of_the_speed_benchmark_give_one_line(flags, message):
     result = run_script(os.path.join("benchmarks", "speed.py"), *flags)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -164,14 +177,17 @@ def test_checkpoint_cost_is_the_replay_storage_plus_the_networks(tmp_path):
     assert r["bytes_per_transition"] == 248 and r["replay_storage_bytes"] == 248_000
     # on top: parameters, target parameters and Adam's two moments (about 0.17M floats each), the sum-tree
     assert 248_000 + 4 * 4 * 150_000 < r["bytes"] < 248_000 + 4 * 4 * 250_000
-    assert os.path.getsize(tmp_path / "checkpoint" / "state.npz") == r["bytes"]
+    assert os.path.getsize(tmp_path / "checkpoint.npz") == r["bytes"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--transitions", "0"], "--transitions must be >= 1, got 0"),
-    (["--directory", "/no/such/dir"], "--directory: no such directory: /no/such/dir"),
-    (["--env-id", "dog-wlak"], "unknown --env-id 'dog-wlak'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--transitions", "0"], "--transitions must be >= 1, got 0"),
+        (["--directory", "/no/such/dir"], "--directory: no such directory: /no/such/dir"),
+        (["--env-id", "dog-wlak"], "unknown --env-id 'dog-wlak'"),
+    ],
+)
 def test_bad_flags_of_the_checkpoint_benchmark_give_one_line(flags, message):
     result = run_script(os.path.join("benchmarks", "checkpoint.py"), *flags)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -183,17 +199,27 @@ FAKE_CLONE = "<a directory with src/model.py>"  # stands for a clone of the rele
 NO_TORCH = "<a Python without PyTorch>"  # a stand-in program that fails as such a Python would
 
 
-@pytest.mark.parametrize("flags, message", [
-    ([], "the following arguments are required: --release-dir"),
-    (["--release-dir", "/no/such/dir"], "--release-dir '/no/such/dir' has no src/model.py"),
-    (["--release-dir", FAKE_CLONE, "--inits", "1"], "--inits must be >= 2"),
-    (["--release-dir", FAKE_CLONE, "--inits", "1.5"], "argument --inits: invalid int value: '1.5'"),
-    (["--release-dir", FAKE_CLONE, "--release-layernorm-eps", "nan"],
-     "--release-layernorm-eps must be a positive number"),
-    (["--release-dir", FAKE_CLONE, "--torch-python", "/no/such/python"],
-     "--torch-python '/no/such/python' does not run"),
-    (["--release-dir", FAKE_CLONE, "--torch-python", NO_TORCH], "cannot import torch and numpy: ModuleNotFoundError"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ([], "the following arguments are required: --release-dir"),
+        (["--release-dir", "/no/such/dir"], "--release-dir '/no/such/dir' has no src/model.py"),
+        (["--release-dir", FAKE_CLONE, "--inits", "1"], "--inits must be >= 2"),
+        (["--release-dir", FAKE_CLONE, "--inits", "1.5"], "argument --inits: invalid int value: '1.5'"),
+        (
+            ["--release-dir", FAKE_CLONE, "--release-layernorm-eps", "nan"],
+            "--release-layernorm-eps must be a positive number",
+        ),
+        (
+            ["--release-dir", FAKE_CLONE, "--torch-python", "/no/such/python"],
+            "--torch-python '/no/such/python' does not run",
+        ),
+        (
+            ["--release-dir", FAKE_CLONE, "--torch-python", NO_TORCH],
+            "cannot import torch and numpy: ModuleNotFoundError",
+        ),
+    ],
+)
 def test_bad_flags_of_the_release_check_give_one_line(flags, message, tmp_path):
     """Every mistake is found, in one line, before the check computes anything."""
     (tmp_path / "src").mkdir()
@@ -212,20 +238,32 @@ def test_the_gpu_table_is_what_the_measurements_say():
     # docs/gpu.md's table by hand from docs/speed_gpu/*.json: one environment from the 4000-step run (speed_n1),
     # 16 from the first run (its 2000-step loops at one environment end before a steady rate can be read)
     folder = os.path.join(ROOT, "docs", "speed_gpu")
-    runs = {name: json.load(open(os.path.join(folder, f"{name}.json")))["results"]
-            for name in ("speed_n1", "speed_qmle_walker", "speed_qmle_dog", "speed_others")}
-    measured = {(r["agent"], r["env_id"], r["num_envs"]): r for name in ("speed_qmle_walker", "speed_qmle_dog",
-                "speed_others") for r in runs[name] if "num_envs" in r and r["num_envs"] == 16}
+    runs = {
+        name: json.load(open(os.path.join(folder, f"{name}.json")))["results"]
+        for name in ("speed_n1", "speed_qmle_walker", "speed_qmle_dog", "speed_others")
+    }
+    measured = {
+        (r["agent"], r["env_id"], r["num_envs"]): r
+        for name in ("speed_qmle_walker", "speed_qmle_dog", "speed_others")
+        for r in runs[name]
+        if "num_envs" in r and r["num_envs"] == 16
+    }
     measured.update({(r["agent"], r["env_id"], 1): r for r in runs["speed_n1"]})
-    rows = [line.split(" | ") for line in open(os.path.join(ROOT, "docs", "gpu.md")).read().splitlines()
-            if re.match(r"\| (qmle_dmc|qtopt_cem|aql_discrete)\.py \| ", line)]
+    rows = [
+        line.split(" | ")
+        for line in open(os.path.join(ROOT, "docs", "gpu.md")).read().splitlines()
+        if re.match(r"\| (qmle_dmc|qtopt_cem|aql_discrete)\.py \| ", line)
+    ]
     assert len(rows) == 12
     for agent, env_id, n, sps, physics, parts, fraction in rows:
         r = measured.get((agent.strip("| ")[:-3], env_id, int(n)))
         if r is None:  # the one the lease cut short: its parts from the first run, whose loop gave no steady rate
             assert (agent, env_id, n, sps, fraction) == ("| aql_discrete.py", "dog-walk", "1", "—", "— |")
-            (r,) = [r for r in runs["speed_others"] if (r["agent"], r.get("env_id"), r.get("num_envs")) == (
-                "aql_discrete", "dog-walk", 1)]
+            (r,) = [
+                r
+                for r in runs["speed_others"]
+                if (r["agent"], r.get("env_id"), r.get("num_envs")) == ("aql_discrete", "dog-walk", 1)
+            ]
             assert r["sps_after_compile"] is None and int(physics.replace(",", "")) == round(r["physics_sps"])
             keys = ("physics_ms_per_step", "greedy_action_ms_per_step", "update_ms_per_step")
             assert parts == ", ".join(f"{r[k]:.2f}" for k in keys) + ", —"
@@ -242,7 +280,7 @@ def test_the_device_script_gives_speed_py_flags_it_accepts():
     # device.sh once passed --timesteps 2000 to a speed.py that had come to need 2500: every speed part failed
     text = open(os.path.join(ROOT, "benchmarks", "device.sh")).read()
     steps = [int(v) for v in re.findall(r"--timesteps (\d+)", text)]
-    assert len(steps) == 2 and text.count("\"$repo/benchmarks/speed.py\"") == 2
+    assert len(steps) == 2 and text.count('"$repo/benchmarks/speed.py"') == 2
     for value in steps:
         speed.check_args(speed.Args(env_ids=[], timesteps=value))
 
@@ -252,7 +290,8 @@ def committed_curves(folder: str) -> dict:
     runs = {}
     for r in csv.DictReader(open(os.path.join(ROOT, "docs", folder, "learning_curves.csv"))):
         runs.setdefault((r["env_id"], r["exp_name"], int(r["seed"])), []).append(
-            (int(r["step"]), float(r["episodic_return"])))
+            (int(r["step"]), float(r["episodic_return"]))
+        )
     return runs
 
 
@@ -264,8 +303,11 @@ def window_summary(runs: dict, env_id: str, exp: str, seeds, windows) -> list:
         means = []
         for s in seeds:
             episodes = runs[env_id, exp, s]
-            returns = ([ret for _, ret in episodes[-10:]] if window == "last 10"
-                       else [ret for step, ret in episodes if window[0] < step <= window[1]])
+            returns = (
+                [ret for _, ret in episodes[-10:]]
+                if window == "last 10"
+                else [ret for step, ret in episodes if window[0] < step <= window[1]]
+            )
             means.append(sum(returns) / len(returns))
         mean = sum(means) / len(means)
         out.append((mean, (sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means)) ** 0.5))
@@ -275,15 +317,18 @@ def window_summary(runs: dict, env_id: str, exp: str, seeds, windows) -> list:
 def doc_table(marker: str) -> list:
     """The rows of the first table after `marker` in docs/qmle_dmc.md, header and rule left out."""
     doc = open(os.path.join(ROOT, "docs", "qmle_dmc.md")).read()
-    return next(block for block in doc[doc.index(marker):].split("\n\n") if block.startswith("|")).splitlines()[2:]
+    return next(block for block in doc[doc.index(marker) :].split("\n\n") if block.startswith("|")).splitlines()[2:]
 
 
 def test_the_avx512_100k_table_is_what_its_curves_say():
     # docs/qmle_dmc.md's 100k table from the AVX-512 machine, recomputed from the committed curves
     runs = committed_curves("avx512_100k")
     windows = [(0, 100_000), (0, 50_000), (50_000, 100_000), (20_000, 60_000), (0, 30_000), "last 10"]
-    experiments = {"authors' release": "release", "`qmle_dmc.py` (defaults), AVX-512 machine": "avx512_100k",
-                   "the same, seeds 1–5": "avx512_100k"}
+    experiments = {
+        "authors' release": "release",
+        "`qmle_dmc.py` (defaults), AVX-512 machine": "avx512_100k",
+        "the same, seeds 1–5": "avx512_100k",
+    }
     shown_rows = {}
     for line in doc_table("**The whole 100k on that machine"):
         env_id, label, seeds = line.split(" | ")[:3]
@@ -291,26 +336,30 @@ def test_the_avx512_100k_table_is_what_its_curves_say():
     assert set(shown_rows) >= {("walker-walk", label) for label in experiments}
     for (env_id, label), (seeds, shown) in shown_rows.items():
         assert len(shown) == 6
-        for (m, s), (mean, se) in zip(shown, window_summary(runs, env_id, experiments[label], range(1, seeds + 1),
-                                                             windows)):
+        for (m, s), (mean, se) in zip(
+            shown, window_summary(runs, env_id, experiments[label], range(1, seeds + 1), windows)
+        ):
             assert float(m) == pytest.approx(mean, abs=0.051) and float(s) == pytest.approx(se, abs=0.051)
 
 
 def test_the_by_machine_table_is_what_its_curves_say():
     # docs/qmle_dmc.md's walker-walk table of each program on each kind of machine, from the committed curves: the
     # runs to 60k on the AVX2 machines (both programs) and the release's seeds 1-5 beside the AVX-512 runs
-    sources = {("AVX2", "authors' release, seeds 6–9"): ("walker_60k", "release", range(6, 10)),
-               ("AVX2", "`qmle_dmc.py` (defaults), seeds 1–13"): ("walker_60k", "rel_paperloss", range(1, 14)),
-               ("AVX-512 or as fast", "authors' release, seeds 1–5"): ("avx512_100k", "release", range(1, 6)),
-               ("AVX-512", "`qmle_dmc.py` (defaults), seeds 1–20"): ("avx512_100k", "avx512_100k", range(1, 21))}
+    sources = {
+        ("AVX2", "authors' release, seeds 6–9"): ("walker_60k", "release", range(6, 10)),
+        ("AVX2", "`qmle_dmc.py` (defaults), seeds 1–13"): ("walker_60k", "rel_paperloss", range(1, 14)),
+        ("AVX-512 or as fast", "authors' release, seeds 1–5"): ("avx512_100k", "release", range(1, 6)),
+        ("AVX-512", "`qmle_dmc.py` (defaults), seeds 1–20"): ("avx512_100k", "avx512_100k", range(1, 21)),
+    }
     table = doc_table("#### Each program on its own kind of machine")
     assert len(table) == len(sources)
     for line in table:
         machine, label, seeds, *shown = [cell.strip() for cell in line.strip("| ").split(" | ")]
         folder, exp, seed_range = sources[machine, label]
         assert int(seeds) == len(seed_range)
-        summary = window_summary(committed_curves(folder), "walker-walk", exp, seed_range,
-                                 [(0, 30_000), (20_000, 60_000)])
+        summary = window_summary(
+            committed_curves(folder), "walker-walk", exp, seed_range, [(0, 30_000), (20_000, 60_000)]
+        )
         for cell, (mean, se) in zip(shown, summary, strict=True):
             m, s = cell.split(" ± ")
             assert float(m) == pytest.approx(mean, abs=0.051) and float(s) == pytest.approx(se, abs=0.051)
@@ -318,8 +367,10 @@ def test_the_by_machine_table_is_what_its_curves_say():
 
 def test_the_kernels_table_is_what_the_measurement_says():
     # docs/qmle_dmc.md's table of the loop against its two jitted calls alone, against its JSON file
-    results = {(r["env_id"], r["num_envs"]): r
-               for r in json.load(open(os.path.join(ROOT, "docs", "speed_cpu_avx512_kernels.json")))["results"]}
+    results = {
+        (r["env_id"], r["num_envs"]): r
+        for r in json.load(open(os.path.join(ROOT, "docs", "speed_cpu_avx512_kernels.json")))["results"]
+    }
     rows = doc_table("**The kernels' own rate.**")
     assert len(rows) == len(results) == 4
     for line in rows:
@@ -327,7 +378,10 @@ def test_the_kernels_table_is_what_the_measurement_says():
         r = results[env_id, int(n)]
         kernel_sps = 1e3 / (r["greedy_action_ms"] / int(n) + r["update_ms"] / math.lcm(int(n), 10))
         assert (int(sps), int(bound), int(kernels)) == (
-            round(r["sps_after_compile"]), round(r["flop_bound_sps"]), round(kernel_sps))
+            round(r["sps_after_compile"]),
+            round(r["flop_bound_sps"]),
+            round(kernel_sps),
+        )
         assert float(fraction) == pytest.approx(r["sps_after_compile"] / r["flop_bound_sps"], abs=0.0051)
         assert float(cap) == pytest.approx(kernel_sps / r["flop_bound_sps"], abs=0.0051)
         assert float(loop_over) == pytest.approx(r["sps_after_compile"] / kernel_sps, abs=0.0051)
@@ -346,7 +400,10 @@ def test_the_cpu_bounds_table_is_what_the_measurements_say():
         env_id, cores, n, sps, bound, fraction, with_physics, its_fraction, cap = line.strip("| ").split(" | ")
         r = measured[env_id, int(cores), int(n)]
         assert (int(sps), int(bound), int(with_physics)) == (
-            round(r["sps_after_compile"]), round(r["flop_bound_sps"]), round(r["flop_and_physics_bound_sps"]))
+            round(r["sps_after_compile"]),
+            round(r["flop_bound_sps"]),
+            round(r["flop_and_physics_bound_sps"]),
+        )
         assert float(fraction) == pytest.approx(r["fraction_of_flop_bound"], abs=0.0051)
         assert float(its_fraction) == pytest.approx(r["fraction_of_flop_and_physics_bound"], abs=0.0051)
         assert float(cap) == pytest.approx(r["flop_and_physics_bound_sps"] / r["flop_bound_sps"], abs=0.0051)

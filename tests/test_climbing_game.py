@@ -62,7 +62,7 @@ def test_qmle_argmax_targets_against_brute_force():
     g = np.linspace(-1, 1, 101)
     grid1, grid2 = np.meshgrid(g, g)
     for n in range(4):
-        rep = lambda o: jnp.broadcast_to(o[n], (grid1.size, 2))  # noqa: E731
+        rep = lambda o, n=n: jnp.broadcast_to(o[n], (grid1.size, 2))  # noqa: E731
         q_grid = np.asarray(apply(params, rep(o1), rep(o2), jnp.asarray(grid1.ravel()), jnp.asarray(grid2.ravel())))
         q_target = q(t1, t2)[n]
         assert q_target >= q(d1, d2)[n] - 1e-6  # never worse than the predictors' own joint action
@@ -95,13 +95,16 @@ def test_documented_outcomes_on_fixed_seeds(results):
     assert len(res["vdn"]) == len(res["qmle"]) == 3
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--num-seeds", "0"], "--num-seeds must be >= 1"),
-    (["--output-dir", __file__], "exists and is not a folder"),
-    (["--local-std", "nan"], "--local-std must be a finite number, got nan"),
-    (["--learning-rate", "-inf"], "--learning-rate must be a finite number, got -inf"),
-    (["--buffer-size", "15"], "--buffer-size must hold the 16 plays written per step (--plays-per-step), got 15"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-seeds", "0"], "--num-seeds must be >= 1"),
+        (["--output-dir", __file__], "exists and is not a folder"),
+        (["--local-std", "nan"], "--local-std must be a finite number, got nan"),
+        (["--learning-rate", "-inf"], "--learning-rate must be a finite number, got -inf"),
+        (["--buffer-size", "15"], "--buffer-size must hold the 16 plays written per step (--plays-per-step), got 15"),
+    ],
+)
 def test_bad_arguments_fail_with_one_line(argv, message):
     proc = run_script("climbing_game.py", *argv, timeout=120)
     assert proc.returncode != 0

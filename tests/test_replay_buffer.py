@@ -1,7 +1,4 @@
-"""The replay-buffer block: checked here through qmle_dmc.py, and identical in every agent script."""
-
-import os
-import re
+"""The replay-buffer block, checked through qmle_dmc.py (test_shared_helpers.py holds every agent's copy to it)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,11 +6,6 @@ import numpy as np
 import pytest
 
 import qmle_dmc as q
-from conftest import ROOT
-
-AGENT_SCRIPTS = ["qmle_dmc.py", "aql_discrete.py", "qtopt_cem.py", "wolpertinger.py", "dqn_grid.py"]
-BEGIN = "# === replay buffer: begin (identical in every agent script) ==="
-END = "# === replay buffer: end ==="
 
 
 def transitions(values):
@@ -72,8 +64,10 @@ def test_stratified_draws_spread_a_batch_and_independent_draws_are_multinomial()
     buffer = q.buffer_init(dict(x=np.float32(0), pair=np.zeros(2, np.float32)), capacity=n)
     buffer = q.buffer_add(buffer, transitions(np.arange(n)))
     keys = jax.random.split(jax.random.PRNGKey(2), 500)
-    draw = jax.jit(jax.vmap(lambda k, stratified: q.buffer_sample(buffer, k, n, True, 0.4, stratified)[0],
-                            in_axes=(0, None)), static_argnums=1)
+    draw = jax.jit(
+        jax.vmap(lambda k, stratified: q.buffer_sample(buffer, k, n, True, 0.4, stratified)[0], in_axes=(0, None)),
+        static_argnums=1,
+    )
     for index in np.asarray(draw(keys, True)):
         np.testing.assert_array_equal(np.sort(index), np.arange(n))
     counts = np.stack([np.bincount(index, minlength=n) for index in np.asarray(draw(keys, False))])
@@ -92,8 +86,9 @@ def test_uniform_sampling_covers_only_filled_slots_with_unit_weights():
 def test_field_write_back_and_new_transitions_get_the_max_weight():
     buffer = q.buffer_init(dict(x=np.float32(0), pair=np.zeros(2, np.float32)), capacity=8)
     buffer = q.buffer_add(buffer, transitions([1, 2, 3, 4]))
-    buffer = q.buffer_update(buffer, jnp.array([1, 3]), jnp.array([9.0, 0.5]), alpha=0.5,
-                             pair=jnp.array([[10.0, 11.0], [30.0, 31.0]]))
+    buffer = q.buffer_update(
+        buffer, jnp.array([1, 3]), jnp.array([9.0, 0.5]), alpha=0.5, pair=jnp.array([[10.0, 11.0], [30.0, 31.0]])
+    )
     np.testing.assert_array_equal(buffer.storage["pair"][:4], [[1, -1], [10, 11], [3, -3], [30, 31]])
     np.testing.assert_array_equal(buffer.storage["x"][:4], [1, 2, 3, 4])  # untouched field
     leaves = np.asarray(buffer.tree[8:])
@@ -102,23 +97,3 @@ def test_field_write_back_and_new_transitions_get_the_max_weight():
     assert float(buffer.tree[8 + 4]) == pytest.approx(3.0)  # the largest weight so far
     buffer = q.buffer_update(buffer, jnp.array([0]), None, pair=jnp.array([[7.0, 7.0]]))
     assert float(buffer.tree[8]) == pytest.approx(1.0)  # no priority given: the tree is left alone
-
-
-def blocks():
-    found = {}
-    for name in AGENT_SCRIPTS:
-        path = os.path.join(ROOT, name)
-        if os.path.exists(path):
-            text = open(path).read()
-            match = re.search(re.escape(BEGIN) + r"\n(.*?)" + re.escape(END), text, re.S)
-            assert match, f"{name} lacks the replay-buffer marker lines"
-            found[name] = match.group(1)
-    return found
-
-
-def test_replay_buffer_block_is_identical_in_every_agent_script():
-    found = blocks()
-    assert "qmle_dmc.py" in found and len(found["qmle_dmc.py"].splitlines()) > 50
-    reference = found["qmle_dmc.py"]
-    for name, block in found.items():
-        assert block == reference, f"the replay-buffer block in {name} differs from qmle_dmc.py's"
