@@ -144,7 +144,8 @@ def table(episodes: list, runs: list, floor: dict) -> str:
             ]
             cells.append(f"{mean_se([m[0] for m in means])}; {mean_se([m[1] for m in means])}" if done else "–")
         reached = ", ".join(f"{r['seed']}: {int(r['reached']) // 1000}k" for r in own)
-        rates = ", ".join(sorted({f"{float(r['sps']):.0f} ({r['cpu']})" for r in own}))
+        cpus = sorted({r["cpu"] for r in own})  # each run's rate, grouped by the machine that ran it
+        rates = "; ".join(", ".join(f"{float(r['sps']):.0f}" for r in own if r["cpu"] == c) + f" ({c})" for c in cpus)
         lines.append(f"| {env_id} | {reached} | {rates} | {floor[env_id]:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
