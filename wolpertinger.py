@@ -673,8 +673,7 @@ def main(args: Args) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # an evaluation has nothing to save
         video_dir = args.capture_video and os.path.join(os.path.dirname(args.load_model), "videos", "evaluation")
         label = f"{args.load_model} on {args.env_id}"
-        evaluate(policy, restore(params, saved, "--load-model"), table_np, args, label, video_dir)
-        return
+        return evaluate(policy, restore(params, saved, "--load-model"), table_np, args, label, video_dir)
 
     transition = dict(obs=example_obs, next_obs=example_obs, action=table_np[0])  # action: the action's embedding
     transition.update(reward=np.float32(0), terminated=np.float32(0))
@@ -685,8 +684,8 @@ def main(args: Args) -> None:
     cfgs = (cfg._replace(updates=0), cfg)  # before --learning-starts, and after
     logger, global_step = Logger(args, METRICS, meta), meta["global_step"] if meta else 0
     print(f"{logger.run_dir}: {num_actions} actions in {dim} embedding dims, k = {nets.k} ({args.knn} k-NN)")
-    tx = adam(args.learning_rate)
-    states = {name: DDPGState.create(apply_fn=None, params=p, target_params=p, tx=tx) for name, p in params.items()}
+    create = lambda p: DDPGState.create(apply_fn=None, params=p, target_params=p, tx=adam(args.learning_rate))
+    states = {name: create(p) for name, p in params.items()}
     pending = {name: np.zeros((rows, *np.shape(v)), np.float32) for name, v in transition.items()}
     run = dict(states=jax.tree.map(jnp.asarray, states), key=key, counts=jnp.zeros(2, jnp.int32), pending=pending)
     run["buffer"] = buffer_init(transition, args.buffer_size)

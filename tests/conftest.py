@@ -56,6 +56,17 @@ def interrupt(script, flags, cwd, env=None, after="step      300"):
     return process.returncode, stdout, stderr
 
 
+def refusal(main, *args) -> str:
+    """The one `error:` line that main(*args) stops with, as `python script.py ...` prints it to stderr (Python's own
+    handling of a SystemExit with a string) with exit status 1; the command-line path itself is tested once, in
+    test_inputs.py."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(*args)
+    text = str(exit_info.value)
+    assert text.startswith("error: ") and "\n" not in text, text
+    return text
+
+
 def load_saved(path):
     """(meta, {name: array}) of a model or checkpoint an agent saved: an .npz with a JSON header under __meta__."""
     with np.load(path) as f:

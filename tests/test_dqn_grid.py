@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT, counting_compiles, interrupt, load_saved, run_in_process, run_script, saved
+from conftest import ROOT, counting_compiles, interrupt, load_saved, refusal, run_in_process, saved
 
 import dqn_grid as dqn
 
@@ -313,12 +313,11 @@ def test_the_replay_memory_counts_against_what_the_head_may_take_unless_a_model_
     assert str(exit_info.value).startswith("error: --buffer-size")
 
 
-def test_dog_walk_is_refused_with_one_line_before_anything_starts(tmp_path):
-    result = run_script("dqn_grid.py", "--env-id", "dog-walk", cwd=tmp_path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: --env-id dog-walk: a 3^38-output head beside a full replay memory")
-    assert result.stdout == "" and not os.path.exists(tmp_path / "runs")
+def test_dog_walk_is_refused_with_one_line_before_anything_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    text = refusal(dqn.main, dqn.Args(env_id="dog-walk"))
+    assert text.startswith("error: --env-id dog-walk: a 3^38-output head beside a full replay memory")
+    assert capsys.readouterr().out == "" and not os.path.exists(tmp_path / "runs")
 
 
 # --- argument checking: one clear line, non-zero exit, no traceback ------------------------------------------

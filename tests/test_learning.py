@@ -12,7 +12,7 @@ import matplotlib.figure
 import numpy as np
 import pytest
 import tyro
-from conftest import ROOT, run_script
+from conftest import ROOT, refusal, run_script
 
 import qmle_dmc as q
 
@@ -75,6 +75,7 @@ def plotted(monkeypatch, tmp_path, exp_names, labels=()):
     write_curves(path, ["release", *exp_names])
     learning.report(
         learning.Report(
+            bootstrap_reps=20,  # the intervals' own test resamples 2000 times
             runs_dir=str(tmp_path / "none"),
             exp_names=list(exp_names),
             curves=[path],
@@ -163,17 +164,18 @@ def test_a_runner_whose_runs_failed_exits_1_after_its_summary(tmp_path):
         ("run", ["--extra=--learning-starts"], 2, "--learning-starts"),
     ],
 )
-def test_a_grid_its_runs_would_refuse_is_refused_before_any_starts(tmp_path, mode, flags, status, named):
-    # --total-timesteps 10: a run started by mistake ends soon
-    result = run_script(
-        os.path.join("benchmarks", "learning.py"), mode, "--total-timesteps", "10", *flags, cwd=tmp_path, timeout=120
-    )
-    assert result.returncode == status and result.stdout == "" and "Traceback" not in result.stderr
-    assert named in result.stderr
+def test_a_grid_its_runs_would_refuse_is_refused_before_any_starts(
+    tmp_path, monkeypatch, capsys, mode, flags, status, named
+):
+    monkeypatch.chdir(tmp_path)  # --total-timesteps 10: a run started by mistake ends soon
+    args = tyro.cli(learning.Mode, args=learning.joined_extra([mode, "--total-timesteps", "10", *flags]))
     if status == 1:  # our own check: one line
-        (line,) = result.stderr.strip().splitlines()
-        assert line.startswith("error: ")
-    assert not os.path.exists(tmp_path / "runs")  # nothing started
+        assert named in refusal(learning.main, args)
+    else:  # tyro's, in the child that parses the training script's flags: its status and its message
+        with pytest.raises(SystemExit) as exit_info:
+            learning.main(args)
+        assert exit_info.value.code == 2 and named in capsys.readouterr().err
+    assert capsys.readouterr().out == "" and not os.path.exists(tmp_path / "runs")  # nothing started
 
 
 def test_a_grid_its_script_accepts_is_printed_whole(tmp_path):
@@ -200,23 +202,13 @@ def test_a_grid_its_script_accepts_is_printed_whole(tmp_path):
     )
 
 
-def test_extra_takes_its_value_after_a_space_as_well_as_after_an_equals_sign(tmp_path):
+def test_extra_takes_its_value_after_a_space_as_well_as_after_an_equals_sign(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     commands = []
     for extra in (["--extra", "--num-bins 5 --m-greedy 20"], ["--extra=--num-bins 5 --m-greedy 20"]):
-        result = run_script(
-            os.path.join("benchmarks", "learning.py"),
-            "print",
-            "--env-ids",
-            "walker-walk",
-            "--seeds",
-            "1",
-            "2",
-            *extra,
-            cwd=tmp_path,
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stderr
-        commands.append(result.stdout)
+        argv = ["print", "--env-ids", "walker-walk", "--seeds", "1", "2", *extra]
+        learning.main(tyro.cli(learning.Mode, args=learning.joined_extra(argv)))  # as its __main__ parses
+        commands.append(capsys.readouterr().out)
     assert commands[0] == commands[1]
     for line in commands[0].strip().splitlines():
         parsed = tyro.cli(q.Args, args=line.split()[2:])
@@ -327,6 +319,7 @@ def test_report_averages_the_whole_run_its_halves_and_its_end_against_the_releas
     write_release(release, [(1, 30, 40.0)])
     learning.report(
         learning.Report(
+            bootstrap_reps=20,
             runs_dir=str(runs),
             exp_names=["mine"],
             release_curves=[str(release)],
@@ -361,6 +354,7 @@ def test_report_averages_the_whole_run_its_halves_and_its_end_against_the_releas
     write_run(str(runs), "walker-walk", "mine", 2, [5.0] * 30, stamp=456)
     learning.report(
         learning.Report(
+            bootstrap_reps=20,
             runs_dir=str(runs),
             exp_names=["mine", "old"],
             release_curves=[],
@@ -397,7 +391,11 @@ def test_curves_of_several_environments_average_the_episodes_that_end_at_the_sam
     figures = figure_of(monkeypatch)
     learning.report(
         learning.Report(
-            runs_dir=str(tmp_path / "runs"), exp_names=["mine"], release_curves=[], output_dir=str(tmp_path / "out")
+            bootstrap_reps=20,
+            runs_dir=str(tmp_path / "runs"),
+            exp_names=["mine"],
+            release_curves=[],
+            output_dir=str(tmp_path / "out"),
         )
     )
     (line,) = figures[-1].axes[0].lines
@@ -421,7 +419,11 @@ def test_a_run_whose_episodes_all_end_at_one_step_is_one_point_at_their_mean(tmp
     figures = figure_of(monkeypatch)
     learning.report(
         learning.Report(
-            runs_dir=str(tmp_path / "runs"), exp_names=["mine"], release_curves=[], output_dir=str(tmp_path / "out")
+            bootstrap_reps=20,
+            runs_dir=str(tmp_path / "runs"),
+            exp_names=["mine"],
+            release_curves=[],
+            output_dir=str(tmp_path / "out"),
         )
     )
     (line,) = figures[-1].axes[0].lines
@@ -437,7 +439,12 @@ def test_runs_of_unequal_length_are_compared_over_the_shortest_and_the_cut_is_sa
     figures = figure_of(monkeypatch)
     learning.report(
         learning.Report(
-            runs_dir=str(runs), exp_names=["mine"], release_curves=[], last_episodes=2, output_dir=str(tmp_path / "out")
+            bootstrap_reps=20,
+            runs_dir=str(runs),
+            exp_names=["mine"],
+            release_curves=[],
+            last_episodes=2,
+            output_dir=str(tmp_path / "out"),
         )
     )
     table = capsys.readouterr().out
@@ -480,7 +487,7 @@ def git(folder, *command):
     )
 
 
-def test_report_writes_a_new_folder_under_runs_and_replaces_committed_files_only_when_asked(tmp_path):
+def test_report_writes_a_new_folder_under_runs_and_replaces_committed_files_only_when_asked(tmp_path, monkeypatch):
     docs = tmp_path / "docs"
     docs.mkdir()
     for name in ("learning_curves.csv", "learning_curves.png"):
@@ -489,31 +496,21 @@ def test_report_writes_a_new_folder_under_runs_and_replaces_committed_files_only
     git(tmp_path, "add", "docs")
     git(tmp_path, "commit", "-q", "-m", "figures")
     write_run(str(tmp_path / "runs"), "walker-walk", "mine", 1, [1.0] * 5)
+    monkeypatch.chdir(tmp_path)
 
-    def report(*flags):
-        return run_script(
-            os.path.join("benchmarks", "learning.py"),
-            "report",
-            "--exp-names",
-            "mine",
-            "--release-curves",
-            "--bootstrap-reps",
-            "10",
-            *flags,
-            cwd=tmp_path,
-        )
+    def report(*flags):  # as `python benchmarks/learning.py report ...` parses its command line
+        argv = ["report", "--exp-names", "mine", "--release-curves", "--bootstrap-reps", "10", *flags]
+        learning.main(tyro.cli(learning.Mode, args=learning.joined_extra(argv)))
 
-    result = report()
-    assert result.returncode == 0, result.stderr
+    report()
     (folder,) = [f for f in os.listdir(tmp_path / "runs") if f.startswith("report__")]  # a new folder under runs/
     assert sorted(os.listdir(tmp_path / "runs" / folder)) == ["learning_curves.csv", "learning_curves.png"]
-    result = report("--output-dir", "docs")  # committed: refused, nothing written
-    (line,) = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and line.startswith("error: ") and "--overwrite" in line
+    assert "--overwrite" in refusal(report, "--output-dir", "docs")  # committed: refused, nothing written
     assert all((docs / name).read_text() == "committed\n" for name in ("learning_curves.csv", "learning_curves.png"))
     (docs / "new").mkdir()  # a folder of docs/ that git does not track yet takes the report
-    assert report("--output-dir", "docs/new").returncode == 0 and len(os.listdir(docs / "new")) == 2
-    assert report("--output-dir", "docs", "--overwrite").returncode == 0
+    report("--output-dir", "docs/new")
+    assert len(os.listdir(docs / "new")) == 2
+    report("--output-dir", "docs", "--overwrite")
     assert len(list(csv.DictReader(open(docs / "learning_curves.csv")))) == 5
 
 
@@ -523,20 +520,10 @@ def test_report_of_names_without_runs_is_one_line_and_leaves_saved_curves_alone(
     (out / "learning_curves.csv").write_text("saved\n")
     write_run(str(tmp_path / "runs"), "walker-walk", "mine", 1, [1.0] * 5)  # 5k steps: too short for --min-steps
     write_release(tmp_path / "release.csv", [(1, 30, 40.0)])
+    paths = ["--runs-dir", str(tmp_path / "runs"), "--release-curves", str(tmp_path / "release.csv")]
     for flags in (["--exp-names", "mnie"], ["--exp-names", "mine", "--min-steps", "6000"]):
-        result = run_script(
-            os.path.join("benchmarks", "learning.py"),
-            "report",
-            *flags,
-            "--runs-dir",
-            str(tmp_path / "runs"),
-            "--release-curves",
-            str(tmp_path / "release.csv"),
-            "--output-dir",
-            str(out),
-        )
-        (line,) = result.stderr.strip().splitlines()
-        assert result.returncode == 1 and line.startswith("error: ") and flags[1] in line
+        args = tyro.cli(learning.Mode, args=["report", *flags, *paths, "--output-dir", str(out)])
+        assert flags[1] in refusal(learning.main, args)
     assert os.listdir(out) == ["learning_curves.csv"] and (out / "learning_curves.csv").read_text() == "saved\n"
 
 
@@ -545,7 +532,11 @@ def test_runs_are_listed_in_the_order_of_their_seeds_as_numbers(tmp_path, capsys
         write_run(str(tmp_path / "runs"), "walker-walk", "mine", seed, [float(seed)] * 5)
     learning.report(
         learning.Report(
-            runs_dir=str(tmp_path / "runs"), exp_names=["mine"], release_curves=[], output_dir=str(tmp_path)
+            bootstrap_reps=20,
+            runs_dir=str(tmp_path / "runs"),
+            exp_names=["mine"],
+            release_curves=[],
+            output_dir=str(tmp_path),
         )
     )
     assert "| walker-walk | mine | whole run | 2: 2.0, 9: 9.0, 10: 10.0 |" in capsys.readouterr().out  # not 10, 2, 9
@@ -562,6 +553,7 @@ def test_release_curves_from_several_files_are_merged_run_by_run(tmp_path, capsy
     write_run(str(tmp_path / "runs"), "walker-walk", "mine", 1, [30.0] * 30)
     learning.report(
         learning.Report(
+            bootstrap_reps=20,
             runs_dir=str(tmp_path / "runs"),
             exp_names=["mine"],
             min_steps=30000,
@@ -599,6 +591,7 @@ def test_runs_replace_saved_curves_task_by_task_and_seed_by_seed(tmp_path):
     write_run(str(runs), "walker-walk", "mine", 3, [50.0] * 10)
     learning.report(
         learning.Report(
+            bootstrap_reps=20,
             runs_dir=str(runs),
             exp_names=["mine"],
             release_curves=[],
