@@ -77,7 +77,7 @@ def check_args(args: Args) -> None:
     for name in ("agents",):
         for agent in getattr(args, name):
             if agent not in (*AGENTS, "wolpertinger"):
-                fail(f"unknown agent {agent!r}; choose from {', '.join(AGENTS)}, wolpertinger")
+                fail(f"--agents: unknown agent {agent!r}; choose from {', '.join(AGENTS)}, wolpertinger")
     for name, low in dict(timesteps=2500, repeats=1).items():
         if getattr(args, name) < low:
             fail(f"--{name} must be >= {low}, got {getattr(args, name)}")

@@ -503,28 +503,6 @@ def test_smoke_run_on_cartpole_swingup_writes_metrics_and_a_model_that_loads(tmp
         assert exit_info.value.code.startswith(f"error: --load-model: {flag} ")
 
 
-def test_cartpole_runs_as_one_sub_action_and_seeds_reproduce(tmp_path, monkeypatch, capsys):
-    settings = dict(env_id="CartPole-v1", total_timesteps=400, learning_starts=100, n_proposal=2, m_uniform=4)
-    settings.update(batch_size=32, buffer_size=1000, eval_frequency=400, log_frequency=100)
-    for run in ("a", "b"):
-        os.makedirs(tmp_path / run)
-        monkeypatch.chdir(tmp_path / run)
-        aql.main(aql.Args(**settings))
-        assert "1 sub-actions x 2 bins" in capsys.readouterr().out
-    rows = [read_metrics(glob.glob(str(tmp_path / run / "runs" / "*"))[0]) for run in ("a", "b")]
-    assert len([r for r in rows[0] if r["charts/episodic_return"]]) >= 5  # CartPole episodes are short early on
-    assert len([r for r in rows[0] if r["eval/episodic_return"]]) == 1
-    for column in (
-        "charts/episodic_return",
-        "losses/td_loss",
-        "charts/amortisation_gap",
-        "eval/episodic_return",
-        "charts/greedy_from_proposal",
-    ):
-        values = [[r[column] for r in rs if r[column]] for rs in rows]
-        assert values[0] and values[0] == values[1]
-
-
 FAST = dict(
     env_id="Pendulum-v1",
     learning_starts=100,
@@ -623,23 +601,29 @@ def test_vector_env_transitions_equal_single_envs_and_updates_keep_their_ratio(t
     assert len(gaps) >= 3 and all(gaps) and all(a != b for a, b in zip(gaps, gaps[1:])), gaps
 
 
-def test_cartpole_with_several_envs_stores_terminations_as_terminal(tmp_path, monkeypatch):
+def test_cartpole_runs_as_one_sub_action_stores_terminations_and_its_seed_reproduces_it(tmp_path, monkeypatch, capsys):
     # CartPole-v1 (Discrete(2): actions [N] for a vector env) terminates once the pole falls, within a few dozen steps.
-    _, (meta, arrays) = train_in_process(
-        tmp_path,
-        monkeypatch,
-        env_id="CartPole-v1",
-        num_envs=4,
-        total_timesteps=300,
-        checkpoint_frequency=300,
-        exp_name="falls",
-    )
+    runs = []
+    for run in ("a", "b"):
+        os.makedirs(tmp_path / run)
+        settings = dict(env_id="CartPole-v1", num_envs=4, total_timesteps=300, checkpoint_frequency=300)
+        run_dir, saved_run = train_in_process(
+            tmp_path / run, monkeypatch, eval_frequency=300, exp_name="falls", **settings
+        )
+        runs.append((str(tmp_path / run / run_dir), saved_run))
+        assert "1 sub-actions x 2 bins" in capsys.readouterr().out
+    (run_dir, (meta, arrays)), (other_dir, _) = runs
     sent, pending = stored(arrays), saved(arrays, "['pending']")
     buffer = {k: np.concatenate([v, pending[k][: 300 % 20]]) for k, v in sent.items()}
     assert meta["global_step"] == 300 and buffer["['action']"].shape == (300, 1)
     terminated = buffer["['terminated']"]
     assert terminated.sum() >= 8 and set(np.unique(terminated)) == {0.0, 1.0}
     replay_single_envs(buffer, "CartPole-v1", 4, 300)  # terminal where the env terminated, its own last obs
+    rows = [read_metrics(d) for d in (run_dir, other_dir)]
+    assert len([r for r in rows[0] if r["eval/episodic_return"]]) == 1
+    for column in ("charts/episodic_return", "losses/td_loss", "charts/amortisation_gap", "eval/episodic_return"):
+        values = [[r[column] for r in rs if r[column]] for rs in rows]
+        assert values[0] and values[0] == values[1], column
 
 
 def run_state(model, params, target_params, capacity=64):

@@ -7,10 +7,12 @@ import os
 import re
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 import tyro
 import yaml
-from conftest import ROOT, run_script
+from conftest import ROOT, refusal, run_script
 
 import qmle_dmc as q
 
@@ -82,17 +84,24 @@ def test_training_sps_reads_the_steady_rate_from_the_log(monkeypatch):
     assert cumulative == pytest.approx(4000 / (2.5 + 10 + 15))
 
 
-def test_speed_benchmark_times_every_agent_against_the_matmul(monkeypatch, tmp_path, capsys):
+def speed_parts(agent_name):
+    """An agent's parts as speed.py builds them for walker-walk (24 observation, 6 action dimensions), untimed."""
+    agent, parts_of = speed.AGENTS[agent_name]
+    size, keys = agent.Args.batch_size, jax.random.split(jax.random.PRNGKey(1), 4)
+    obs, action = jnp.zeros((size, 24)), jnp.zeros((size, 6))
+    batch = dict(obs=obs, action=action, reward=jnp.ones(size), next_obs=obs, terminated=jnp.zeros(size), argmax=action)
+    return parts_of("walker-walk", 24, 6, batch, keys)
+
+
+def test_speed_benchmark_times_an_agent_against_the_matmul(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(speed, "training_sps", lambda agent, env_id, steps, num_envs: (117.0, 234.0))
     monkeypatch.setattr(speed, "physics_ms", lambda env_id, num_envs: 0.5 * num_envs)
     small = speed.prefilled_buffer  # the benchmark times updates against a 1e6 buffer; 4096 slots do here
     monkeypatch.setattr(speed, "prefilled_buffer", lambda agent, transitions, capacity: small(agent, transitions, 4096))
     output = tmp_path / "speed.json"
-    speed.main(
-        speed.Args(env_ids=["walker-walk"], agents=list(speed.AGENTS), num_envs=[4], repeats=1, output=str(output))
-    )
+    speed.main(speed.Args(env_ids=["walker-walk"], agents=["qtopt_cem"], num_envs=[4], repeats=1, output=str(output)))
     results = {(r["agent"], r["num_envs"]): r for r in __import__("json").load(open(output))["results"]}
-    assert set(results) == {(a, 4) for a in ("qmle_dmc", "qtopt_cem", "aql_discrete")}
+    assert set(results) == {("qtopt_cem", 4)}
     for r in results.values():
         assert r["target_eval_over_matmul"] == pytest.approx(r["target_eval_ms"] / r["matmul_ms"])
         assert 0 < r["target_eval_fraction_of_matmul_rate"] and r["greedy_action_ms"] > 0
@@ -114,16 +123,17 @@ def test_speed_benchmark_times_every_agent_against_the_matmul(monkeypatch, tmp_p
         assert r["speedup_after_compile"] is None  # the release ran one environment: no ratio for four
     # QMLE's target: 256 x 101 candidates, about 1.5 matmuls' worth of multiply-adds; QT-Opt's: 256 x 128
     matmul_gflop = 2 * 25_856 * 256 * 256 / 1e9
-    qmle, qtopt, aql = (results[a, 4] for a in ("qmle_dmc", "qtopt_cem", "aql_discrete"))
-    assert 1.45 < qmle["target_eval_gflop"] / matmul_gflop < 1.6
-    assert 1.85 < qtopt["target_eval_gflop"] / matmul_gflop < 2.0
+    qmle, aql = (speed_parts(a) for a in ("qmle_dmc", "aql_discrete"))  # what the other agents' rows would count
+    assert 1.45 < qmle["target_gflop"] / matmul_gflop < 1.6
+    assert 1.85 < results["qtopt_cem", 4]["target_eval_gflop"] / matmul_gflop < 2.0
     # AQL's: 256 x 500 candidates (about 7.5 matmuls) plus 100 proposal samples of 6 sub-actions per state
-    assert 7.4 < aql["target_eval_gflop"] / matmul_gflop < 7.9
+    assert 7.4 < aql["target_gflop"] / matmul_gflop < 7.9
     # One QMLE step on walker-walk: 1000 greedy candidates (~98.9k multiply-adds each: 6 x 128 + 128 x 256 +
     # 256 x 256 + 256) and a tenth of an update: its target, then the gradient step on 256 replayed pairs,
     # which adds a few percent (a forward and backward pass on one candidate per state, instead of 101)
     greedy = 2 * 1000 * (6 * 128 + 128 * 256 + 256 * 256 + 256) / 1e9
-    assert 1.0 < qmle["step_gflop"] / (greedy + qmle["target_eval_gflop"] / 10) < 1.1
+    step_gflop = speed.flop_bound(qmle, 10, 234.0, matmul=1.0, physics_per_step=0.0)["step_gflop"]
+    assert 1.0 < step_gflop / (greedy + qmle["target_gflop"] / 10) < 1.1
     table = capsys.readouterr().out
     assert "| qtopt_cem | walker-walk | 4 | 234 | 2000 |" in table and "CPU" in table
 
@@ -144,19 +154,17 @@ def test_a_step_splits_into_physics_action_update_and_the_rest():
 
 
 @pytest.mark.parametrize(
-    "flags, message",
+    "flags, named",
     [
-        (["--timesteps", "100"], "--timesteps must be >= 2500, got 100"),
-        (["--num-envs", "0"], "--num-envs must be >= 1, got 0"),
-        (["--agents", "dqn"], "unknown agent 'dqn'"),
-        (["--env-ids", "walker-wlak"], "unknown --env-id 'walker-wlak'"),
+        (["--timesteps", "100"], "--timesteps"),
+        (["--num-envs", "0"], "--num-envs"),
+        (["--agents", "dqn"], "--agents"),
+        (["--env-ids", "walker-wlak"], "--env-id"),
     ],
 )
-def test_bad_flags_of_the_speed_benchmark_give_one_line(flags, message):
-    result = run_script(os.path.join("benchmarks", "speed.py"), *flags)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0]
+def test_bad_flags_of_the_speed_benchmark_give_one_line(flags, named, capsys):
+    assert named in refusal(speed.main, tyro.cli(speed.Args, args=flags))
+    assert capsys.readouterr().out == ""  # before anything is measured
 
 
 def test_wolpertinger_speed_splits_a_training_step_into_its_parts():
@@ -181,18 +189,16 @@ def test_checkpoint_cost_is_the_replay_storage_plus_the_networks(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flags, message",
+    "flags, named",
     [
-        (["--transitions", "0"], "--transitions must be >= 1, got 0"),
-        (["--directory", "/no/such/dir"], "--directory: no such directory: /no/such/dir"),
-        (["--env-id", "dog-wlak"], "unknown --env-id 'dog-wlak'"),
+        (["--transitions", "0"], "--transitions"),
+        (["--directory", "/no/such/dir"], "--directory"),
+        (["--env-id", "dog-wlak"], "--env-id"),
     ],
 )
-def test_bad_flags_of_the_checkpoint_benchmark_give_one_line(flags, message):
-    result = run_script(os.path.join("benchmarks", "checkpoint.py"), *flags)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0]
+def test_bad_flags_of_the_checkpoint_benchmark_give_one_line(flags, named, capsys):
+    assert named in refusal(checkpoint.main, tyro.cli(checkpoint.Args, args=flags))
+    assert capsys.readouterr().out == ""  # before anything is measured
 
 
 FAKE_CLONE = "<a directory with src/model.py>"  # stands for a clone of the release, made per test
