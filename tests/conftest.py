@@ -14,6 +14,7 @@ import tempfile
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 # The agents' persistent compilation cache, shared by the suite's processes and kept out of the user's ~/.cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "qmle-jax-tests-xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # without LLVM's passes most take < 1 s
 
 import jax  # noqa: E402 (after XLA_FLAGS, which XLA reads once)
 import jax.numpy as jnp  # noqa: E402
