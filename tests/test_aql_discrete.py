@@ -576,11 +576,14 @@ def replay_single_envs(buffer, env_id, num_envs, final, num_bins=11):
                 obs, _ = env.reset()
 
 
-@pytest.mark.parametrize("num_envs", [1, 3])
-def test_vector_env_transitions_equal_single_envs_and_updates_keep_their_ratio(tmp_path, monkeypatch, num_envs):
+# Pendulum with 1 environment shares its compiled programs with the time-limit test, CartPole with 3 (lcm(3, 10) = 30
+# rows a call, 21 left pending at 501) with the CartPole test below.
+@pytest.mark.parametrize("env_id, num_envs", [("Pendulum-v1", 1), ("CartPole-v1", 3)])
+def test_vector_env_transitions_equal_single_envs_and_updates_keep_their_ratio(tmp_path, monkeypatch, env_id, num_envs):
     run_dir, (meta, arrays) = train_in_process(
         tmp_path,
         monkeypatch,
+        env_id=env_id,
         total_timesteps=500,
         num_envs=num_envs,
         checkpoint_frequency=10_000,
@@ -590,7 +593,7 @@ def test_vector_env_transitions_equal_single_envs_and_updates_keep_their_ratio(t
     sent, pending = stored(arrays), saved(arrays, "['pending']")
     assert final == -(-500 // num_envs) * num_envs and len(sent["['obs']"]) == final // rows * rows
     buffer = {k: np.concatenate([v, pending[k][: final % rows]]) for k, v in sent.items()}  # not yet sent
-    replay_single_envs(buffer, "Pendulum-v1", num_envs, final)
+    replay_single_envs(buffer, env_id, num_envs, final)
     # one update per 10 environment steps, from the first update call at or after step 100
     first, last = -(-100 // rows) * rows, final // rows * rows
     assert int(arrays["['state'].step"]) == (last - first) // 10 + rows // 10
@@ -598,7 +601,9 @@ def test_vector_env_transitions_equal_single_envs_and_updates_keep_their_ratio(t
     # The update before each log line measured the amortisation gap: every line after the first update shows
     # one, and a new one each time.
     gaps = [r["charts/amortisation_gap"] for r in read_metrics(run_dir) if r["losses/td_loss"]]
-    assert len(gaps) >= 3 and all(gaps) and all(a != b for a, b in zip(gaps, gaps[1:])), gaps
+    assert len(gaps) >= 3 and all(gaps), gaps
+    if env_id == "Pendulum-v1":  # with CartPole's two actions the search finds the best one: the gap is always 0
+        assert all(a != b for a, b in zip(gaps, gaps[1:])), gaps
 
 
 def test_cartpole_runs_as_one_sub_action_stores_terminations_and_its_seed_reproduces_it(tmp_path, monkeypatch, capsys):
@@ -606,7 +611,7 @@ def test_cartpole_runs_as_one_sub_action_stores_terminations_and_its_seed_reprod
     runs = []
     for run in ("a", "b"):
         os.makedirs(tmp_path / run)
-        settings = dict(env_id="CartPole-v1", num_envs=4, total_timesteps=300, checkpoint_frequency=300)
+        settings = dict(env_id="CartPole-v1", num_envs=3, total_timesteps=300, checkpoint_frequency=300)
         run_dir, saved_run = train_in_process(
             tmp_path / run, monkeypatch, eval_frequency=300, exp_name="falls", **settings
         )
@@ -614,11 +619,11 @@ def test_cartpole_runs_as_one_sub_action_stores_terminations_and_its_seed_reprod
         assert "1 sub-actions x 2 bins" in capsys.readouterr().out
     (run_dir, (meta, arrays)), (other_dir, _) = runs
     sent, pending = stored(arrays), saved(arrays, "['pending']")
-    buffer = {k: np.concatenate([v, pending[k][: 300 % 20]]) for k, v in sent.items()}
+    buffer = {k: np.concatenate([v, pending[k][: 300 % 30]]) for k, v in sent.items()}
     assert meta["global_step"] == 300 and buffer["['action']"].shape == (300, 1)
     terminated = buffer["['terminated']"]
     assert terminated.sum() >= 8 and set(np.unique(terminated)) == {0.0, 1.0}
-    replay_single_envs(buffer, "CartPole-v1", 4, 300)  # terminal where the env terminated, its own last obs
+    replay_single_envs(buffer, "CartPole-v1", 3, 300)  # terminal where the env terminated, its own last obs
     rows = [read_metrics(d) for d in (run_dir, other_dir)]
     assert len([r for r in rows[0] if r["eval/episodic_return"]]) == 1
     for column in ("charts/episodic_return", "losses/td_loss", "charts/amortisation_gap", "eval/episodic_return"):
