@@ -8,10 +8,14 @@ import subprocess
 import sys
 import tempfile
 
-# The suite compiles hundreds of small XLA programs, and at these sizes LLVM's optimisation passes are most of each
-# compile's time. Without them the same programs run, a little slower, to results equal up to float rounding (not
+# The suite compiles hundreds of small XLA programs, and at these sizes compiling is most of the suite's time: LLVM's
+# optimisation passes, and the CPU backend's MLIR fusion emitters (the older emitters compile the same fusions about
+# a third faster). Without them the same programs run, a little slower, to results equal up to float rounding (not
 # bit for bit: LLVM reorders some sums). The scripts the tests start as subprocesses inherit the setting.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+# The illustrations run long loops of few programs: for them XLA's usual optimisation pays, in a process of their own.
+OPTIMISED = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", ""))
 # The agents' persistent compilation cache, shared by the suite's processes and kept out of the user's ~/.cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "qmle-jax-tests-xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # without LLVM's passes most take < 1 s

@@ -713,28 +713,8 @@ def test_damaged_missing_or_foreign_checkpoints_are_refused_with_one_line(model_
 
 
 def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path):
-    flags = [
-        "--env-id",
-        "CartPole-v1",
-        "--total-timesteps",
-        "1000000",
-        "--learning-starts",
-        "100",
-        "--n-proposal",
-        "2",
-        "--m-uniform",
-        "4",
-        "--batch-size",
-        "32",
-        "--buffer-size",
-        "1000",
-        "--eval-frequency",
-        "0",
-        "--log-frequency",
-        "100",
-        "--checkpoint-frequency",
-        "5000",
-    ]
+    settings = dict(FAST, total_timesteps=1_000_000, checkpoint_frequency=5000)  # FAST: compiled already
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in settings.items()]
     returncode, stdout, stderr = interrupt("aql_discrete.py", flags, tmp_path)
     assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tyro
-from conftest import refusal
+from conftest import OPTIMISED, refusal, run_script
 
 import bandit_illustration as bi
 
@@ -95,7 +95,8 @@ def test_qmle_candidates():
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bandit")
-    bi.main(bi.Args(num_seeds=3, output_dir=str(out)))
+    result = run_script("bandit_illustration.py", "--num-seeds", "3", "--output-dir", str(out), env=OPTIMISED)
+    assert result.returncode == 0, result.stderr[-2000:]
     with open(out / "bandit_results.json") as f:
         return out, json.load(f)
 

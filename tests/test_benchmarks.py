@@ -1,8 +1,5 @@
 """The benchmark tooling: the learning runner's grid, its report, and the W&B sweep file."""
 
-import csv
-import json
-import math
 import os
 import re
 import sys
@@ -38,6 +35,7 @@ def test_speed_benchmark_tasks_exist_with_their_action_sizes(env_id):
     assert env.action_space.shape == {"walker-walk": (6,), "dog-walk": (38,)}[env_id]
 
 
+import doc_tables  # noqa: E402
 import speed  # noqa: E402
 
 
@@ -240,48 +238,6 @@ def test_bad_flags_of_the_release_check_give_one_line(flags, message, tmp_path):
     assert len(errors) == 1 and message in errors[0] and len(result.stderr.splitlines()) == 1
 
 
-def test_the_gpu_table_is_what_the_measurements_say():
-    # docs/gpu.md's table by hand from docs/speed_gpu/*.json: one environment from the 4000-step run (speed_n1),
-    # 16 from the first run (its 2000-step loops at one environment end before a steady rate can be read)
-    folder = os.path.join(ROOT, "docs", "speed_gpu")
-    runs = {
-        name: json.load(open(os.path.join(folder, f"{name}.json")))["results"]
-        for name in ("speed_n1", "speed_qmle_walker", "speed_qmle_dog", "speed_others")
-    }
-    measured = {
-        (r["agent"], r["env_id"], r["num_envs"]): r
-        for name in ("speed_qmle_walker", "speed_qmle_dog", "speed_others")
-        for r in runs[name]
-        if "num_envs" in r and r["num_envs"] == 16
-    }
-    measured.update({(r["agent"], r["env_id"], 1): r for r in runs["speed_n1"]})
-    rows = [
-        line.split(" | ")
-        for line in open(os.path.join(ROOT, "docs", "gpu.md")).read().splitlines()
-        if re.match(r"\| (qmle_dmc|qtopt_cem|aql_discrete)\.py \| ", line)
-    ]
-    assert len(rows) == 12
-    for agent, env_id, n, sps, physics, parts, fraction in rows:
-        r = measured.get((agent.strip("| ")[:-3], env_id, int(n)))
-        if r is None:  # the one the lease cut short: its parts from the first run, whose loop gave no steady rate
-            assert (agent, env_id, n, sps, fraction) == ("| aql_discrete.py", "dog-walk", "1", "—", "— |")
-            (r,) = [
-                r
-                for r in runs["speed_others"]
-                if (r["agent"], r.get("env_id"), r.get("num_envs")) == ("aql_discrete", "dog-walk", 1)
-            ]
-            assert r["sps_after_compile"] is None and int(physics.replace(",", "")) == round(r["physics_sps"])
-            keys = ("physics_ms_per_step", "greedy_action_ms_per_step", "update_ms_per_step")
-            assert parts == ", ".join(f"{r[k]:.2f}" for k in keys) + ", —"
-            continue
-        assert int(sps.replace(",", "")) == round(r["sps_after_compile"])
-        assert int(physics.replace(",", "")) == round(r["physics_sps"])
-        shown = [float(x.replace("−", "-")) for x in parts.split(", ")]
-        keys = ("physics_ms_per_step", "greedy_action_ms_per_step", "update_ms_per_step", "rest_ms_per_step")
-        assert shown == pytest.approx([r[k] for k in keys], abs=0.0051)
-        assert float(fraction.strip(" |")) == pytest.approx(r["fraction_of_flop_bound"], abs=0.0051)
-
-
 def test_the_device_script_gives_speed_py_flags_it_accepts():
     # device.sh once passed --timesteps 2000 to a speed.py that had come to need 2500: every speed part failed
     text = open(os.path.join(ROOT, "benchmarks", "device.sh")).read()
@@ -291,125 +247,10 @@ def test_the_device_script_gives_speed_py_flags_it_accepts():
         speed.check_args(speed.Args(env_ids=[], timesteps=value))
 
 
-def committed_curves(folder: str) -> dict:
-    """(env_id, exp_name, seed) -> [(step, return)] of one docs folder's learning_curves.csv."""
-    runs = {}
-    for r in csv.DictReader(open(os.path.join(ROOT, "docs", folder, "learning_curves.csv"))):
-        runs.setdefault((r["env_id"], r["exp_name"], int(r["seed"])), []).append(
-            (int(r["step"]), float(r["episodic_return"]))
-        )
-    return runs
-
-
-def window_summary(runs: dict, env_id: str, exp: str, seeds, windows) -> list:
-    """Each run's mean return over a window of episodes (by the step each ended at), or over its last 10 episodes
-    for the window "last 10"; then (mean, standard error) over the seeds, window by window."""
-    out = []
-    for window in windows:
-        means = []
-        for s in seeds:
-            episodes = runs[env_id, exp, s]
-            returns = (
-                [ret for _, ret in episodes[-10:]]
-                if window == "last 10"
-                else [ret for step, ret in episodes if window[0] < step <= window[1]]
-            )
-            means.append(sum(returns) / len(returns))
-        mean = sum(means) / len(means)
-        out.append((mean, (sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means)) ** 0.5))
-    return out
-
-
-def doc_table(marker: str) -> list:
-    """The rows of the first table after `marker` in docs/qmle_dmc.md, header and rule left out."""
-    doc = open(os.path.join(ROOT, "docs", "qmle_dmc.md")).read()
-    return next(block for block in doc[doc.index(marker) :].split("\n\n") if block.startswith("|")).splitlines()[2:]
-
-
-def test_the_avx512_100k_table_is_what_its_curves_say():
-    # docs/qmle_dmc.md's 100k table from the AVX-512 machine, recomputed from the committed curves
-    runs = committed_curves("avx512_100k")
-    windows = [(0, 100_000), (0, 50_000), (50_000, 100_000), (20_000, 60_000), (0, 30_000), "last 10"]
-    experiments = {
-        "authors' release": "release",
-        "`qmle_dmc.py` (defaults), AVX-512 machine": "avx512_100k",
-        "the same, seeds 1–5": "avx512_100k",
-    }
-    shown_rows = {}
-    for line in doc_table("**The whole 100k on that machine"):
-        env_id, label, seeds = line.split(" | ")[:3]
-        shown_rows[env_id.strip("| "), label] = (int(seeds), re.findall(r"([\d.]+) ± ([\d.]+)", line))
-    assert set(shown_rows) >= {("walker-walk", label) for label in experiments}
-    for (env_id, label), (seeds, shown) in shown_rows.items():
-        assert len(shown) == 6
-        for (m, s), (mean, se) in zip(
-            shown, window_summary(runs, env_id, experiments[label], range(1, seeds + 1), windows)
-        ):
-            assert float(m) == pytest.approx(mean, abs=0.051) and float(s) == pytest.approx(se, abs=0.051)
-
-
-def test_the_by_machine_table_is_what_its_curves_say():
-    # docs/qmle_dmc.md's walker-walk table of each program on each kind of machine, from the committed curves: the
-    # runs to 60k on the AVX2 machines (both programs) and the release's seeds 1-5 beside the AVX-512 runs
-    sources = {
-        ("AVX2", "authors' release, seeds 6–9"): ("walker_60k", "release", range(6, 10)),
-        ("AVX2", "`qmle_dmc.py` (defaults), seeds 1–13"): ("walker_60k", "rel_paperloss", range(1, 14)),
-        ("AVX-512 or as fast", "authors' release, seeds 1–5"): ("avx512_100k", "release", range(1, 6)),
-        ("AVX-512", "`qmle_dmc.py` (defaults), seeds 1–20"): ("avx512_100k", "avx512_100k", range(1, 21)),
-    }
-    table = doc_table("#### Each program on its own kind of machine")
-    assert len(table) == len(sources)
-    for line in table:
-        machine, label, seeds, *shown = [cell.strip() for cell in line.strip("| ").split(" | ")]
-        folder, exp, seed_range = sources[machine, label]
-        assert int(seeds) == len(seed_range)
-        summary = window_summary(
-            committed_curves(folder), "walker-walk", exp, seed_range, [(0, 30_000), (20_000, 60_000)]
-        )
-        for cell, (mean, se) in zip(shown, summary, strict=True):
-            m, s = cell.split(" ± ")
-            assert float(m) == pytest.approx(mean, abs=0.051) and float(s) == pytest.approx(se, abs=0.051)
-
-
-def test_the_kernels_table_is_what_the_measurement_says():
-    # docs/qmle_dmc.md's table of the loop against its two jitted calls alone, against its JSON file
-    results = {
-        (r["env_id"], r["num_envs"]): r
-        for r in json.load(open(os.path.join(ROOT, "docs", "speed_cpu_avx512_kernels.json")))["results"]
-    }
-    rows = doc_table("**The kernels' own rate.**")
-    assert len(rows) == len(results) == 4
-    for line in rows:
-        env_id, n, sps, bound, fraction, kernels, cap, loop_over, physics_cap = line.strip("| ").split(" | ")
-        r = results[env_id, int(n)]
-        kernel_sps = 1e3 / (r["greedy_action_ms"] / int(n) + r["update_ms"] / math.lcm(int(n), 10))
-        assert (int(sps), int(bound), int(kernels)) == (
-            round(r["sps_after_compile"]),
-            round(r["flop_bound_sps"]),
-            round(kernel_sps),
-        )
-        assert float(fraction) == pytest.approx(r["sps_after_compile"] / r["flop_bound_sps"], abs=0.0051)
-        assert float(cap) == pytest.approx(kernel_sps / r["flop_bound_sps"], abs=0.0051)
-        assert float(loop_over) == pytest.approx(r["sps_after_compile"] / kernel_sps, abs=0.0051)
-        assert float(physics_cap) == pytest.approx(r["flop_and_physics_bound_sps"] / r["flop_bound_sps"], abs=0.0051)
-
-
-def test_the_cpu_bounds_table_is_what_the_measurements_say():
-    # docs/qmle_dmc.md's table of FLOP-bound fractions with and without the physics, against its two JSON files
-    table = doc_table("**Counting the physics, and one core against two.**")
-    measured = {}
-    for name, cores in (("speed_cpu_avx512_bounds.json", 2), ("speed_cpu_avx512_one_core.json", 1)):
-        for r in json.load(open(os.path.join(ROOT, "docs", name)))["results"]:
-            measured[r["env_id"], cores, r["num_envs"]] = r
-    assert len(table) == len(measured) == 6
-    for line in table:
-        env_id, cores, n, sps, bound, fraction, with_physics, its_fraction, cap = line.strip("| ").split(" | ")
-        r = measured[env_id, int(cores), int(n)]
-        assert (int(sps), int(bound), int(with_physics)) == (
-            round(r["sps_after_compile"]),
-            round(r["flop_bound_sps"]),
-            round(r["flop_and_physics_bound_sps"]),
-        )
-        assert float(fraction) == pytest.approx(r["fraction_of_flop_bound"], abs=0.0051)
-        assert float(its_fraction) == pytest.approx(r["fraction_of_flop_and_physics_bound"], abs=0.0051)
-        assert float(cap) == pytest.approx(r["flop_and_physics_bound_sps"] / r["flop_bound_sps"], abs=0.0051)
+@pytest.mark.parametrize("name", list(doc_tables.TABLES))
+def test_each_documented_table_is_what_its_measurements_say(name):
+    # the rows of each table of measurements in docs/, rendered again from the committed JSON and CSV files they
+    # summarise (`python benchmarks/doc_tables.py --write` rewrites a table from them)
+    table = doc_tables.TABLES[name]
+    rows = doc_tables.committed(table)[-1]
+    assert rows and rows == table.rows()

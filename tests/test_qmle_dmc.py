@@ -500,10 +500,11 @@ SMOKE = dict(
 
 
 def smoke_flags(env_id, **overrides):
-    flags = ["--env-id", env_id]
-    for name, value in dict(SMOKE, **overrides).items():
-        flags += [f"--{name.replace('_', '-')}", str(value)]
-    return flags
+    return command_line(dict(SMOKE, env_id=env_id, **overrides))
+
+
+def command_line(settings):
+    return [word for name, value in settings.items() for word in (f"--{name.replace('_', '-')}", str(value))]
 
 
 def read_metrics(run_dir):
@@ -735,7 +736,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
 
 
 def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path):
-    flags = smoke_flags("Pendulum-v1", total_timesteps=1_000_000, checkpoint_frequency=5000, eval_frequency=0)
+    flags = command_line(dict(FAST, total_timesteps=1_000_000, checkpoint_frequency=5000))  # FAST: compiled
     returncode, stdout, stderr = interrupt("qmle_dmc.py", flags, tmp_path)
     assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
@@ -767,7 +768,7 @@ def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path
 
 
 def test_sigint_during_start_up_stops_without_a_traceback_and_without_checkpoints_says_it_cannot_continue(tmp_path):
-    flags = smoke_flags("Pendulum-v1", total_timesteps=1_000_000, eval_frequency=0)
+    flags = command_line(dict(FAST, total_timesteps=1_000_000))
     # The header is printed after the first compilation and before the greedy action's: start-up is still going.
     returncode, stdout, stderr = interrupt("qmle_dmc.py", flags, tmp_path, after="runs/Pendulum-v1__")
     assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
@@ -805,7 +806,7 @@ def test_seeds_reproduce_a_second_run_compiles_nothing_new_and_track_sends_the_m
     cache = tmp_path / "xla"  # the persistent compilation cache of both runs
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.update(WANDB_MODE="offline", WANDB_SILENT="true")
-    flags = smoke_flags("Pendulum-v1", total_timesteps=400, eval_frequency=200)  # two episodes
+    flags = command_line(dict(FAST, total_timesteps=400, eval_frequency=200))  # two episodes
     entries = []
     for run, track in (("a", ["--track", "--wandb-project-name", "qmle-test"]), ("b", [])):
         os.makedirs(tmp_path / run)
