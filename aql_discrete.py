@@ -524,10 +524,8 @@ def checked_env(env_id: str, video_dir: Optional[str] = None, render: bool = Fal
             env.reset(seed=0)
             env.render()
     except Exception as e:
-        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-        fail(
-            f"--env-id {env_id!r} cannot be made{' to render' * render} (MUJOCO_GL={os.environ['MUJOCO_GL']}): {reason}"
-        )
+        gl, reason = os.environ["MUJOCO_GL"], f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        fail(f"--env-id {env_id!r} cannot be made{' to render' * render} (MUJOCO_GL={gl}): {reason}")
     if video_dir:  # at the task's own speed: Shimmy's render_fps is a display rate
         dmc = getattr(env.unwrapped, "_env", None)
         dt = dmc.control_timestep() if dmc else getattr(env.unwrapped, "dt", 0)
@@ -597,8 +595,7 @@ def new_run_dir(args) -> str:
     stem = f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     for run_dir in (f"{stem}-{n}" if n > 1 else stem for n in range(1, 100)):
         try:
-            os.makedirs(run_dir)
-            return run_dir
+            return os.makedirs(run_dir) or run_dir
         except FileExistsError:
             continue
         except OSError as e:
@@ -613,26 +610,18 @@ class Logger:
         if args.track:
             import wandb
 
+            project = dict(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), save_code=True)
             name, wandb_id = os.path.basename(self.run_dir), meta and meta["wandb_id"]
             try:
-                self.wandb = wandb.init(
-                    project=args.wandb_project_name,
-                    entity=args.wandb_entity,
-                    config=vars(args),
-                    name=name,
-                    save_code=True,
-                    id=wandb_id,
-                    resume="allow",
-                )
+                self.wandb = wandb.init(**project, name=name, id=wandb_id, resume="allow")
             except (Exception, KeyboardInterrupt) as e:  # the latter: W&B's login prompt, abandoned
                 if not args.resume:
                     os.rmdir(self.run_dir)  # still empty
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 fail(f"--track: W&B cannot start: {reason} (WANDB_MODE=offline logs without an account)")
         self.path = os.path.join(self.run_dir, "metrics.csv")
-        kept = (
-            [r for r in open(self.path).readlines()[1:] if int(r.split(",")[0]) <= meta["global_step"]] if meta else []
-        )
+        rows = open(self.path).readlines()[1:] if meta else []  # a resumed run keeps those up to its checkpoint
+        kept = [r for r in rows if int(r.split(",")[0]) <= meta["global_step"]]
         with open(self.path + ".tmp", "w") as f:
             f.write(",".join(self.columns) + "\n" + "".join(kept))
         os.replace(self.path + ".tmp", self.path)
