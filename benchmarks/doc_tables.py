@@ -95,18 +95,13 @@ def avx512_100k_rows() -> list:
     runs, rows = curves("avx512_100k"), []
     windows = [(0, 100_000), (0, 50_000), (50_000, 100_000), (20_000, 60_000), (0, 30_000), "last 10"]
     for env_id, seeds in (("walker-walk", 20), ("cartpole-swingup", 10)):
-        for label, exp_name, n in ((RELEASE, "release", 5), (f"{OURS}, AVX-512 machine", "avx512_100k", seeds)):
-            rows.append(
-                cells(env_id, label, n, *(mean_and_error(runs, env_id, exp_name, range(1, n + 1), w) for w in windows))
-            )
-        rows.append(
-            cells(
-                env_id,
-                "the same, seeds 1–5",
-                5,
-                *(mean_and_error(runs, env_id, "avx512_100k", range(1, 6), w) for w in windows),
-            )
-        )
+        for label, exp_name, n in (
+            (RELEASE, "release", 5),
+            (f"{OURS}, AVX-512 machine", "avx512_100k", seeds),
+            ("the same, seeds 1–5", "avx512_100k", 5),
+        ):
+            summary = [mean_and_error(runs, env_id, exp_name, range(1, n + 1), window) for window in windows]
+            rows.append(cells(env_id, label, n, *summary))
     return rows
 
 
