@@ -150,6 +150,31 @@ def table(episodes: list, runs: list, floor: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def standing(evaluations: list, anchors: list, floor: dict) -> str:
+    """Per task, at every 100k steps a run has evaluated at: the seeds' greedy evaluations (mean, ± standard error,
+    seed count), the random policy, and each public method's evaluation at the same environment step (mean over
+    its seeds that have one there)."""
+    lines = [
+        "| task, step | QMLE (seeds) | random | " + " | ".join(ANCHORS) + " |",
+        "|---|---|---|" + "---|" * len(ANCHORS),
+    ]
+    for env_id in sorted({r["env_id"] for r in evaluations}):
+        own = [r for r in evaluations if r["env_id"] == env_id]
+        for step in sorted({int(r["step"]) for r in own if int(r["step"]) % 100_000 == 0}):
+            by_seed = {r["seed"]: float(r["episodic_return"]) for r in own if int(r["step"]) == step}  # its last
+            ours = mean_se(list(by_seed.values()))
+            public = []
+            for method in ANCHORS:
+                there = [
+                    float(r["episodic_return"])
+                    for r in anchors
+                    if (r["method"], r["env_id"], int(float(r["step"]))) == (method, env_id, step)
+                ]
+                public.append(f"{np.mean(there):.1f}" if there else "–")
+            lines.append(f"| {env_id}, {step // 1000}k | {ours} | {floor[env_id]:.1f} | " + " | ".join(public) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def figure(env_id: str, episodes: list, evaluations: list, floor: float, anchors: list, path: str) -> None:
     import matplotlib
 
@@ -205,9 +230,10 @@ def report(args: Report) -> None:
         write(os.path.join(out, f"{name}.csv"), rows)
     with open(os.path.join(out, "README.md")) as f:
         text = f.read()
-    with open(os.path.join(out, "README.md"), "w") as f:
-        f.write(with_table(text, table(episodes, runs, random_floor(out))))
     anchors = read(os.path.join(out, "anchors.csv"))
+    text = with_table(text, table(episodes, runs, random_floor(out)))
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(with_table(text, standing(evaluations, anchors, random_floor(out)), "standing"))
     for env_id in sorted({r["env_id"] for r in runs}):
         reach = max(int(r["reached"]) for r in runs if r["env_id"] == env_id)
         figure(
@@ -227,10 +253,10 @@ def random_floor(folder: str) -> dict:
     }
 
 
-def with_table(text: str, table_text: str) -> str:
-    """README.md's text with the table between its two marker lines replaced."""
-    begin = text.index("\n", text.index("<!-- table: begin")) + 1
-    return text[:begin] + table_text + text[text.index("<!-- table: end -->") :]
+def with_table(text: str, table_text: str, name: str = "table") -> str:
+    """README.md's text with the table between its two marker lines (<!-- name: begin/end -->) replaced."""
+    begin = text.index("\n", text.index(f"<!-- {name}: begin")) + 1
+    return text[:begin] + table_text + text[text.index(f"<!-- {name}: end -->") :]
 
 
 if __name__ == "__main__":

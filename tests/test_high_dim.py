@@ -43,3 +43,37 @@ def test_the_committed_table_is_what_the_committed_curves_say():
     )
     text = open(os.path.join(DOCS, "README.md")).read()
     assert high_dim.with_table(text, table) == text
+
+
+def test_the_standing_table_sets_the_seeds_evaluations_beside_each_method_at_the_same_step():
+    # two seeds evaluated every 50k (seed 2 to 100k only), and two methods: TD7 with two seeds at 100k, MR.Q at 200k
+    evaluations = [
+        dict(env_id="dog-walk", seed=s, step=t, episodic_return=t / 1000 + s)
+        for s, end in ((1, 200_000), (2, 100_000))
+        for t in range(50_000, end + 1, 50_000)
+    ]
+    anchors = [
+        dict(method="TD7", env_id="dog-walk", seed=1, step="100000", episodic_return="30.0"),
+        dict(method="TD7", env_id="dog-walk", seed=2, step="100000.0", episodic_return="40.0"),
+        dict(method="MR.Q", env_id="dog-walk", seed=1, step="200000", episodic_return="700.0"),
+        dict(method="MR.Q", env_id="quadruped-run", seed=1, step="100000", episodic_return="900.0"),
+    ]
+    lines = high_dim.standing(evaluations, anchors, {"dog-walk": 8.04}).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {line.split(" | ")[0].strip("| "): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
+    assert list(rows) == ["dog-walk, 100k", "dog-walk, 200k"]  # the 100k steps a run has evaluated at
+    at_100k, at_200k = (dict(zip(header, rows[k])) for k in rows)
+    assert at_100k["QMLE (seeds)"] == f"101.5 ± {np.std([101, 102], ddof=1) / np.sqrt(2):.1f} (2)"
+    assert at_200k["QMLE (seeds)"] == "201.0 (1)" and at_100k["random"] == "8.0"
+    assert at_100k["TD7"] == "35.0" and at_100k["MR.Q"] == "–"  # another task's MR.Q row is not this one's
+    assert at_200k["MR.Q"] == "700.0" and at_200k["TD7"] == "–"
+
+
+def test_the_committed_standing_table_is_what_the_committed_evaluations_say():
+    standing = high_dim.standing(
+        high_dim.read(os.path.join(DOCS, "evaluations.csv")),
+        high_dim.read(os.path.join(DOCS, "anchors.csv")),
+        high_dim.random_floor(DOCS),
+    )
+    text = open(os.path.join(DOCS, "README.md")).read()
+    assert "QMLE (seeds)" in text and high_dim.with_table(text, standing, "standing") == text
