@@ -200,30 +200,15 @@ def check(args) -> None:
         if getattr(args, option, [None]) == []:
             fail(f"--{option.replace('_', '-')} was given no values")
     if isinstance(args, (Grid, Random)):  # what every one of its runs would refuse, refused once, before any starts
-        check_env_ids(args.env_ids)
-    if isinstance(args, Grid):
-        check_extra(args)
+        check_runs(args.env_ids, *((args.script, extra_flags(args)) if isinstance(args, Grid) else ()))
 
 
 GRID_FLAGS = ("--env-id", "--seed", "--total-timesteps", "--exp-name")  # what commands() sets for each run
 
 
-# Run in a child Python: the training script's own Args parses one run's flags, as its __main__ does, so that tyro
-# refuses here, once, what every run would. A child because importing the script loads JAX and the renderer.
-PARSE_FLAGS = """
-import importlib.util, json, os, sys
-import tyro
-
-spec = importlib.util.spec_from_file_location("training_script", sys.argv[1])
-module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-tyro.cli(module.Args, args=json.loads(sys.argv[2]), prog=os.path.basename(sys.argv[1]))
-"""
-
-
-def check_extra(args: Grid) -> None:
-    """Refuse --extra flags the training script refuses (tyro's message, status 2), and flags the grid sets itself:
-    given again they would win over the grid's (every seed the same seed)."""
+def extra_flags(args: Grid) -> List[str]:
+    """--extra's flags, refusing those the grid sets itself: given again they would win over the grid's (every seed
+    the same seed)."""
     try:
         flags = shlex.split(args.extra)
     except ValueError as error:
@@ -234,59 +219,59 @@ def check_extra(args: Grid) -> None:
                 f"--extra {args.extra!r}: {flag.partition('=')[0]} is set by the grid for each run (--env-ids, "
                 "--seeds, --total-timesteps, --exp-name)"
             )
-    if not flags:
-        return
-    child = subprocess.run(
-        [sys.executable, "-c", PARSE_FLAGS, os.path.join(ROOT, args.script), json.dumps(flags)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, MUJOCO_GL="disable"),
-    )
-    if child.returncode == 2:  # tyro's refusal
-        print(f"{args.script} refuses --extra {args.extra!r}:", file=sys.stderr)
-        sys.stderr.write(child.stderr)
-        raise SystemExit(2)
-    if child.returncode != 0:  # the script does not import here (a login node): its runs check their own flags
-        last = (child.stderr.strip().splitlines() or ["(nothing said)"])[-1]
-        print(f"note: --extra not checked here ({last}); each run checks its own", file=sys.stderr)
+    return flags
 
 
-# Run in a child Python, as the scripts decide it (make_env): a DeepMind Control task domain-task, or a Gymnasium
-# id, with shimmy's dm_control/* ids registered. A child because importing dm_control loads the renderer MUJOCO_GL
-# names (none is needed to look up ids), and this process's environment is what its runs inherit.
-KNOWN_ENV_IDS = """
-import difflib, json, sys
+# Run in a child Python, as each run would: the ids looked up as the scripts' make_env does (a DeepMind Control task
+# domain-task, or a Gymnasium id, with shimmy's dm_control/* ids registered), printed with the nearest known id of
+# each unknown one; then, if all are known, the training script's own Args parses --extra's flags as its __main__
+# does, so that tyro refuses here, once, what every run would. A child because importing dm_control and the script
+# loads JAX and the renderer MUJOCO_GL names, and this process's environment is what its runs inherit.
+CHECK_RUNS = """
+import difflib, importlib.util, json, os, sys
 import gymnasium as gym
 import shimmy
 from dm_control import suite
 
+env_ids, script, flags = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 dmc = [f"{domain}-{task}" for domain, task in suite.ALL_TASKS]
-unknown = [i for i in json.loads(sys.argv[1])
+unknown = [i for i in env_ids
            if (f"dm_control/{i}-v0" if tuple(i.split("-", 1)) in suite.ALL_TASKS else i) not in gym.registry]
 print(json.dumps({i: (difflib.get_close_matches(i, dmc + list(gym.registry), 1) or [None])[0] for i in unknown}))
+sys.stdout.flush()
+if flags and not unknown:
+    import tyro
+    spec = importlib.util.spec_from_file_location("training_script", script)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tyro.cli(module.Args, args=flags, prog=os.path.basename(script))
 """
 
 
-def check_env_ids(env_ids: List[str]) -> None:
-    """Refuse ids that are neither a DeepMind Control task nor a Gymnasium id, with the nearest known id. Whether
-    a known id suits the script (Box or discrete actions) its runs still check."""
-    child = subprocess.run(
-        [sys.executable, "-c", KNOWN_ENV_IDS, json.dumps(env_ids)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, MUJOCO_GL="disable"),
-    )
-    if child.returncode != 0:  # no gymnasium or dm_control here (a login node): the runs check their own id
-        last = (child.stderr.strip().splitlines() or ["(nothing said)"])[-1]
-        print(f"note: --env-ids not checked here ({last}); each run checks its own", file=sys.stderr)
-        return
-    unknown = json.loads(child.stdout)
+def check_runs(env_ids: List[str], script: str = "", flags: List[str] = ()) -> None:
+    """Refuse ids that are neither a DeepMind Control task nor a Gymnasium id, with the nearest known id, and flags
+    the training script refuses (tyro's message, status 2). Whether a known id suits the script (Box or discrete
+    actions) its runs still check."""
+    command = [sys.executable, "-c", CHECK_RUNS, json.dumps(env_ids), os.path.join(ROOT, script), json.dumps(flags)]
+    child = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, MUJOCO_GL="disable"))
+    try:
+        unknown = json.loads(child.stdout.splitlines()[0])
+    except (IndexError, ValueError):  # no gymnasium or dm_control here (a login node): the runs check their own
+        unknown = None
     if unknown:
         fail(
             "unknown --env-ids "
             + ", ".join(f"{i!r}" + (f" (did you mean {near!r}?)" if near else "") for i, near in unknown.items())
             + "; DeepMind Control tasks are domain-task (walker-walk), else a Gymnasium id (Pendulum-v1)"
         )
+    if child.returncode == 2 and unknown == {}:  # tyro's refusal
+        print(f"{script} refuses --extra {shlex.join(flags)!r}:", file=sys.stderr)
+        sys.stderr.write(child.stderr)
+        raise SystemExit(2)
+    if child.returncode != 0:  # the ids or the script do not import here: each run checks its own
+        last = (child.stderr.strip().splitlines() or ["(nothing said)"])[-1]
+        checked = "--extra" if unknown == {} else "--env-ids" + " and --extra" * bool(flags)
+        print(f"note: {checked} not checked here ({last}); each run checks its own", file=sys.stderr)
 
 
 def exp_name(args: Grid) -> str:
