@@ -73,11 +73,12 @@ def test_nan_from_the_command_line_is_one_line_and_status_1(tmp_path, script, fl
     assert not os.path.exists(tmp_path / "runs")  # refused before anything was started
 
 
-@pytest.mark.parametrize("script", ["qmle_dmc.py", "climbing_game.py"])
-def test_tyros_own_refusals_are_its_usage_errors_without_a_traceback(tmp_path, script):
-    for flags in (["--seed", "1.5"], ["--seeed", "1"]):  # not a whole number; no such flag
-        result = run_script(script, *flags, cwd=tmp_path)
-        assert result.returncode == 2 and "Traceback" not in result.stderr and "--seed" in result.stderr
+@pytest.mark.parametrize(
+    "script, flags", [("qmle_dmc.py", ["--seed", "1.5"]), ("climbing_game.py", ["--seeed", "1"])]
+)  # not a whole number; no such flag
+def test_tyros_own_refusals_are_its_usage_errors_without_a_traceback(tmp_path, script, flags):
+    result = run_script(script, *flags, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--seed" in result.stderr
     assert not os.path.exists(tmp_path / "runs")
 
 
