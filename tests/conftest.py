@@ -14,11 +14,11 @@ import tempfile
 # bit for bit: LLVM reorders some sums). The scripts the tests start as subprocesses inherit the setting.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
-# The illustrations run long loops of few programs: for them XLA's usual optimisation pays, in a process of their own.
-OPTIMISED = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", ""))
 # The agents' persistent compilation cache, shared by the suite's processes and kept out of the user's ~/.cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "qmle-jax-tests-xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # without LLVM's passes most take < 1 s
+# The bandit illustration runs long loops of few programs: for it XLA's usual optimisation pays, in its own process.
+OPTIMISED = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", ""))
 
 import jax  # noqa: E402 (after XLA_FLAGS, which XLA reads once)
 import jax.numpy as jnp  # noqa: E402
