@@ -2,7 +2,7 @@
 of other methods (docs/high_dim/). Three steps, each writing into --output-dir (docs/high_dim by default):
 
     python benchmarks/high_dim.py random                          # random.csv: >= 10 random episodes per task
-    python benchmarks/high_dim.py anchors --source ../shared/peers/dmc-anchors/curves.csv   # anchors.csv, once
+    python benchmarks/high_dim.py anchors --source CURVES_CSV   # anchors.csv, once, from the dmc-anchors collection
     python benchmarks/high_dim.py report --runs ~/longruns/*/runs/*   # the curves, README's table, a figure a task
 """
 
@@ -230,17 +230,17 @@ def report(args: Report) -> None:
         write(os.path.join(out, f"{name}.csv"), rows)
     with open(os.path.join(out, "README.md")) as f:
         text = f.read()
-    anchors = read(os.path.join(out, "anchors.csv"))
-    text = with_table(text, table(episodes, runs, random_floor(out)))
+    anchors, floor = read(os.path.join(out, "anchors.csv")), random_floor(out)
+    text = with_table(text, table(episodes, runs, floor))
     with open(os.path.join(out, "README.md"), "w") as f:
-        f.write(with_table(text, standing(evaluations, anchors, random_floor(out)), "standing"))
+        f.write(with_table(text, standing(evaluations, anchors, floor), "standing"))
     for env_id in sorted({r["env_id"] for r in runs}):
         reach = max(int(r["reached"]) for r in runs if r["env_id"] == env_id)
         figure(
             env_id,
             [r for r in episodes if r["env_id"] == env_id],
             [r for r in evaluations if r["env_id"] == env_id],
-            random_floor(out)[env_id],
+            floor[env_id],
             [r for r in anchors if r["env_id"] == env_id and float(r["step"]) <= 1.1 * reach],
             os.path.join(out, f"{env_id}.png"),
         )

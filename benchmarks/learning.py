@@ -199,8 +199,10 @@ def check(args) -> None:
     for option in ("env_ids", "seeds"):  # an empty list is a grid of no runs: nothing to print or run
         if getattr(args, option, [None]) == []:
             fail(f"--{option.replace('_', '-')} was given no values")
-    if isinstance(args, (Grid, Random)):  # what every one of its runs would refuse, refused once, before any starts
-        check_runs(args.env_ids, *((args.script, extra_flags(args)) if isinstance(args, Grid) else ()))
+    if isinstance(args, Grid):  # what every one of its runs would refuse, refused once, before any starts
+        check_runs(args.env_ids, args.script, extra_flags(args))
+    elif isinstance(args, Random):
+        check_runs(args.env_ids)
 
 
 GRID_FLAGS = ("--env-id", "--seed", "--total-timesteps", "--exp-name")  # what commands() sets for each run

@@ -42,6 +42,11 @@ def run_script(script, *flags, cwd=None, env=None, timeout=600):
     )
 
 
+def command_line(**settings):
+    """An agent's settings as the command-line flags that give them: num_envs=3 -> --num-envs 3."""
+    return [word for name, value in settings.items() for word in (f"--{name.replace('_', '-')}", str(value))]
+
+
 def interrupt(script, flags, cwd, env=None, after="step      300"):
     """Start a script as a user would, press Ctrl-C (SIGINT) once it prints a line starting with `after` (it is
     training, past compiling), and return the finished process's (return code, stdout, stderr)."""

@@ -16,6 +16,7 @@ import optax
 import pytest
 from conftest import (
     ROOT,
+    command_line,
     counting_compiles,
     interrupt,
     load_saved,
@@ -713,8 +714,7 @@ def test_damaged_missing_or_foreign_checkpoints_are_refused_with_one_line(model_
 
 
 def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path):
-    settings = dict(FAST, total_timesteps=1_000_000, checkpoint_frequency=5000)  # FAST: compiled already
-    flags = [f"--{name.replace('_', '-')}={value}" for name, value in settings.items()]
+    flags = command_line(**dict(FAST, total_timesteps=1_000_000, checkpoint_frequency=5000))  # FAST: compiled
     returncode, stdout, stderr = interrupt("aql_discrete.py", flags, tmp_path)
     assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))

@@ -19,6 +19,7 @@ import optax
 import pytest
 from conftest import (
     ROOT,
+    command_line,
     counting_compiles,
     interrupt,
     load_saved,
@@ -499,10 +500,6 @@ SMOKE = dict(
 )
 
 
-def command_line(settings):
-    return [word for name, value in settings.items() for word in (f"--{name.replace('_', '-')}", str(value))]
-
-
 def read_metrics(run_dir):
     return list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
 
@@ -733,7 +730,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
 
 
 def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path):
-    flags = command_line(dict(FAST, total_timesteps=1_000_000, checkpoint_frequency=5000))  # FAST: compiled
+    flags = command_line(**dict(FAST, total_timesteps=1_000_000, checkpoint_frequency=5000))  # FAST: compiled
     returncode, stdout, stderr = interrupt("qmle_dmc.py", flags, tmp_path)
     assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
@@ -765,7 +762,7 @@ def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path
 
 
 def test_sigint_during_start_up_stops_without_a_traceback_and_without_checkpoints_says_it_cannot_continue(tmp_path):
-    flags = command_line(dict(FAST, total_timesteps=1_000_000))
+    flags = command_line(**dict(FAST, total_timesteps=1_000_000))
     # The header is printed after the first compilation and before the greedy action's: start-up is still going.
     returncode, stdout, stderr = interrupt("qmle_dmc.py", flags, tmp_path, after="runs/Pendulum-v1__")
     assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
@@ -804,7 +801,7 @@ def test_seeds_reproduce_a_second_run_compiles_nothing_new_and_track_sends_the_m
     env = dict(
         os.environ, JAX_LOG_COMPILES="1", JAX_EXPLAIN_CACHE_MISSES="1", WANDB_MODE="offline", WANDB_SILENT="true"
     )
-    flags = command_line(dict(FAST, total_timesteps=400, eval_frequency=200))  # two episodes
+    flags = command_line(**dict(FAST, total_timesteps=400, eval_frequency=200))  # two episodes
     for run, track in (("a", ["--track", "--wandb-project-name", "qmle-test"]), ("b", [])):
         os.makedirs(tmp_path / run)
         result = run_script("qmle_dmc.py", *flags, *track, cwd=tmp_path / run, env=env)

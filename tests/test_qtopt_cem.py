@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, counting_compiles, interrupt, load_saved, q_reference, run_in_process, saved
+from conftest import ROOT, command_line, counting_compiles, interrupt, load_saved, q_reference, run_in_process, saved
 
 import qmle_dmc
 import qtopt_cem as q
@@ -311,10 +311,6 @@ SMOKE = dict(
     log_frequency=100,
     target_network_frequency=100,
 )
-
-
-def command_line(**settings):
-    return [word for name, value in settings.items() for word in (f"--{name.replace('_', '-')}", str(value))]
 
 
 def read_metrics(run_dir):

@@ -16,7 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT, counting_compiles, interrupt, load_saved, refusal, run_in_process, run_script, saved
+from conftest import (
+    ROOT,
+    command_line,
+    counting_compiles,
+    interrupt,
+    load_saved,
+    refusal,
+    run_in_process,
+    run_script,
+    saved,
+)
 
 import wolpertinger as w
 
@@ -645,7 +655,7 @@ def read_metrics(run_dir):
 
 
 def test_smoke_run_writes_metrics_and_a_model_that_loads_and_its_seed_reproduces_it(tmp_path, monkeypatch, capsys):
-    flags = [f"--{name.replace('_', '-')}={value}" for name, value in SMOKE.items()]
+    flags = command_line(**SMOKE)
     result = run_script("wolpertinger.py", "--save-model", *flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1000 actions in 1 embedding dims, k = 100 (exact k-NN)" in result.stdout
@@ -855,10 +865,7 @@ def test_resume_continues_the_metrics_the_update_count_the_host_rng_and_the_epsi
 
 
 def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path):
-    flags = [
-        f"--{name.replace('_', '-')}={value}"
-        for name, value in dict(FAST, total_timesteps=1_000_000, checkpoint_frequency=5000).items()
-    ]
+    flags = command_line(**dict(FAST, total_timesteps=1_000_000, checkpoint_frequency=5000))
     returncode, stdout, stderr = interrupt("wolpertinger.py", flags, tmp_path)
     assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
