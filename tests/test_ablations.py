@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import tyro
-from conftest import ROOT, refusal, run_script
+from conftest import ROOT, refusal
 from test_learning import git, write_run
 
 import qmle_dmc as q
@@ -166,7 +166,7 @@ def test_each_mode_has_its_own_help(capsys):
         assert exit_info.value.code == 0 and flag in capsys.readouterr().out
 
 
-def test_report_writes_a_new_folder_under_runs_and_replaces_committed_pages_only_when_asked(tmp_path):
+def test_report_writes_a_new_folder_under_runs_and_replaces_committed_pages_only_when_asked(tmp_path, monkeypatch):
     committed = tmp_path / "committed"
     committed.mkdir()
     (committed / "fig8.md").write_text("committed\n")
@@ -176,27 +176,17 @@ def test_report_writes_a_new_folder_under_runs_and_replaces_committed_pages_only
     for seed in (1, 2):
         for name in ("fig8_amortised", "fig8_uniform"):
             write_run(str(tmp_path / "runs"), "walker-walk", name, seed, [float(seed)] * 5)
+    monkeypatch.chdir(tmp_path)
 
-    def report(*flags):
-        return run_script(
-            os.path.join("benchmarks", "ablations.py"),
-            "report",
-            "--figures",
-            "8",
-            "--bootstrap-reps",
-            "10",
-            *flags,
-            cwd=tmp_path,
-        )
+    def report(*flags):  # as its __main__ parses them
+        return tyro.cli(ablations.Mode, args=["report", "--figures", "8", "--bootstrap-reps", "10", *flags])
 
-    assert report().returncode == 0
+    ablations.main(report())
     (folder,) = [f for f in os.listdir(tmp_path / "runs") if f.startswith("ablations__")]
     assert sorted(os.listdir(tmp_path / "runs" / folder)) == ["fig8.csv", "fig8.md", "fig8.png"]
-    result = report("--output-dir", "committed")
-    (line,) = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and line.startswith("error: ") and "--overwrite" in line
+    assert "--overwrite" in refusal(ablations.main, report("--output-dir", "committed"))
     assert os.listdir(committed) == ["fig8.md"] and (committed / "fig8.md").read_text() == "committed\n"
-    assert report("--output-dir", "committed", "--overwrite").returncode == 0
+    ablations.main(report("--output-dir", "committed", "--overwrite"))
     assert (committed / "fig8.md").read_text().startswith("# Fig. 8")
     assert subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path, capture_output=True, text=True).stdout
 
