@@ -71,7 +71,7 @@ class Args:
     proposal_hidden: int = 128  # width of the proposal's hidden layer
     amortisation_states: int = 256  # replayed states the update before each log line measures the gap on (0: never)
 
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's name
     seed: int = 1  # seed of the environments, the exploration and the initialisation
     num_envs: int = 1  # environments stepped together, a process each when > 1 (one update per train_frequency)
     track: bool = False  # log the run to Weights & Biases
@@ -318,7 +318,11 @@ def update(model: AQLNetwork, state: AQLState, buffer, new_transitions, key, cfg
     if cfg.updates <= 1:  # one step takes the key itself: one environment reproduces its single-environment run
         return gradient_step(model, state, buffer, key, cfg) if cfg.updates else (state, buffer, {})
     plain, keys = cfg._replace(amortisation_states=0), jax.random.split(key, cfg.updates)
-    step = lambda carry, k: (lambda s, b, m: ((s, b), m))(*gradient_step(model, *carry, k, plain))  # noqa: E731
+
+    def step(carry, k):
+        state, buffer, metrics = gradient_step(model, *carry, k, plain)
+        return (state, buffer), metrics
+
     (state, buffer), metrics = jax.lax.scan(step, (state, buffer), keys[:-1] if cfg.amortisation_states else keys)
     if cfg.amortisation_states:  # the gap costs two more searches per state: measured by the call's last step only
         return gradient_step(model, state, buffer, keys[-1], cfg)

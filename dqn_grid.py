@@ -64,7 +64,7 @@ class Args:
     importance_exponent: float = 0.2  # beta: strength of the importance-sampling correction
     priority_epsilon: float = 1e-6  # added to |TD error|, so that no transition has zero priority
 
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's name
     seed: int = 1  # seed of the environments, the exploration and the initialisation
     num_envs: int = 1  # environments stepped together, a process each when > 1 (one update per train_frequency)
     track: bool = False  # log the run to Weights & Biases
@@ -203,7 +203,11 @@ def update(model: QNetwork, state: DQNState, buffer, new_transitions, key, cfg: 
     buffer = buffer_add(buffer, new_transitions)
     if cfg.updates <= 1:  # one step takes the key itself: one environment reproduces its single-environment run
         return gradient_step(model, state, buffer, key, cfg) if cfg.updates else (state, buffer, {})
-    step = lambda carry, k: (lambda s, b, m: ((s, b), m))(*gradient_step(model, *carry, k, cfg))  # noqa: E731
+
+    def step(carry, k):
+        state, buffer, metrics = gradient_step(model, *carry, k, cfg)
+        return (state, buffer), metrics
+
     (state, buffer), metrics = jax.lax.scan(step, (state, buffer), jax.random.split(key, cfg.updates))
     return state, buffer, jax.tree.map(lambda m: m[-1], metrics)
 

@@ -73,15 +73,15 @@ class Args:
     delta_noise_std: float = 0.1  # std of the Gaussian perturbations around the delta predictor's point
     cache_argmax: bool = True  # search each transition's cached arg-max for its target (Alg. 1; off in Fig. 8)
     discrete_steps: int = 0  # curriculum (Fig. 12): act and search on the bin grid alone for this many steps
-    # Where the authors' release differs from the paper (docs/qmle_dmc.md): ours is the release's but in the 1st and 4th
-    categorical_loss: Literal["logits", "softmax-twice"] = "logits"  # cross-entropy on logits, or on their softmax
-    predictor_target: Literal["refreshed", "cached"] = "cached"  # predictors learn the arg-max carried in, or the new
-    importance_normalisation: Literal["batch", "buffer"] = "buffer"  # weights by the rarest stored, or the batch's max
-    prioritized_draws: Literal["stratified", "independent"] = "stratified"  # one per slice of the sum, or anywhere
-    bias_init: Literal["zeros", "uniform"] = "uniform"  # dense biases at PyTorch's U(+-1/sqrt(fan_in)), or at 0
-    joint_init: Literal["halves", "whole"] = "whole"  # the split joint layer at its whole fan-in, or each half's own
+    # Where the authors' release differs from the paper, either choice (docs/qmle_dmc.md); the defaults: all but two
+    categorical_loss: Literal["logits", "softmax-twice"] = "logits"  # CE on logits (paper), or their softmax (release)
+    predictor_target: Literal["refreshed", "cached"] = "cached"  # learn the new arg-max (Alg. 1), or cached (release)
+    importance_normalisation: Literal["batch", "buffer"] = "buffer"  # by the batch's max weight, or buffer's (release)
+    prioritized_draws: Literal["stratified", "independent"] = "stratified"  # one per slice of the sum, or any (release)
+    bias_init: Literal["zeros", "uniform"] = "uniform"  # dense biases at 0, or PyTorch's U(+-1/sqrt(fan_in)) (release)
+    joint_init: Literal["halves", "whole"] = "whole"  # joint halves at their own fan-in, or the layer's (release)
 
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's name
     seed: int = 1  # seed of the environments, the exploration and the initialisation
     num_envs: int = 1  # environments stepped together, a process each when > 1 (one update per train_frequency)
     track: bool = False  # log the run to Weights & Biases
@@ -112,7 +112,7 @@ class ResidualBlock(nn.Module):  # x + W2 relu(W1 x), the release's form (a pre-
 
     @nn.compact
     def __call__(self, x):
-        h = Dense(self.features)(x)  # Dense_0, made before Dense_1: the names hold the parameters
+        h = Dense(self.features)(x)  # named Dense_0 by being made first: saved parameters are keyed by name
         return x + Dense(self.features)(nn.relu(h))
 
 
@@ -271,8 +271,9 @@ def adam(learning_rate: float):  # one optimizer per rate, so that a second run 
 
 def gradient_step(model: QMLENetwork, state: QMLEState, buffer, key, cfg: UpdateConfig, discrete: bool):
     """Algorithm 1's replay step. Each transition carries a cached arg-max (its own action when stored): the target
-    search at s' takes it as one more candidate, the search's winner replaces it, and the predictors learn toward
-    it at s'. One Adam step on the importance-weighted TD loss plus both predictors' maximum-likelihood losses."""
+    search at s' takes it as one more candidate and the search's winner replaces it; the predictors learn at s'
+    toward the arg-max carried in (the release) or the new winner (Alg. 1). One Adam step on the importance-weighted
+    TD loss plus both predictors' maximum-likelihood losses."""
     k_sample, k_target = jax.random.split(key)
     stratified = cfg.prioritized_draws == "stratified"
     index, batch, weights = buffer_sample(
@@ -303,9 +304,9 @@ def gradient_step(model: QMLENetwork, state: QMLEState, buffer, key, cfg: Update
     grads, (td_loss, delta_loss, cat_loss, td_error, q) = jax.grad(loss_fn, has_aux=True)(state.params)
     priority = jnp.abs(td_error) + cfg.priority_epsilon if cfg.prioritized_replay else None
     buffer = buffer_update(buffer, index, priority, cfg.priority_exponent, argmax=next_argmax)
+    losses = dict(td_loss=td_loss, delta_mle_loss=delta_loss, categorical_mle_loss=cat_loss, q_values=q.mean())
     metrics = {f"argmax/target_{s}": n / best.size for s, n in zip(SOURCES, source_counts(best, cfg.target_budget))}
-    metrics.update({"losses/td_loss": td_loss, "losses/delta_mle_loss": delta_loss, "losses/q_values": q.mean()})
-    return state.apply_gradients(grads=grads), buffer, dict(metrics, **{"losses/categorical_mle_loss": cat_loss})
+    return state.apply_gradients(grads=grads), buffer, dict(metrics, **{f"losses/{k}": v for k, v in losses.items()})
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg", "discrete"), donate_argnames=("buffer",))
@@ -315,7 +316,11 @@ def update(model: QMLENetwork, state: QMLEState, buffer, new_transitions, key, c
     buffer = buffer_add(buffer, dict(new_transitions, argmax=new_transitions["action"]))
     if cfg.updates <= 1:  # one step takes the key itself: one environment reproduces its single-environment run
         return gradient_step(model, state, buffer, key, cfg, discrete) if cfg.updates else (state, buffer, {})
-    step = lambda carry, k: (lambda s, b, m: ((s, b), m))(*gradient_step(model, *carry, k, cfg, discrete))  # noqa: E731
+
+    def step(carry, k):
+        state, buffer, metrics = gradient_step(model, *carry, k, cfg, discrete)
+        return (state, buffer), metrics
+
     (state, buffer), metrics = jax.lax.scan(step, (state, buffer), jax.random.split(key, cfg.updates))
     return state, buffer, jax.tree.map(lambda m: m[-1], metrics)
 
@@ -423,8 +428,10 @@ def make_env(env_id: str, seed: int, video_dir: Optional[str] = None) -> gym.Env
 def check_args(args: Args) -> None:
     fractions = "rho_uniform rho_delta rho_categorical grid_fraction"
     check_common(args, "target_network_frequency m_greedy m_target", "discrete_steps delta_noise_std", fractions)
-    if args.num_bins < 2 or abs(args.rho_uniform + args.rho_delta + args.rho_categorical - 1.0) > 1e-6:
-        fail("--num-bins must be >= 2, and --rho-uniform, --rho-delta and --rho-categorical must sum to 1")
+    if args.num_bins < 2:
+        fail(f"--num-bins must be >= 2, got {args.num_bins}")
+    if abs(args.rho_uniform + args.rho_delta + args.rho_categorical - 1.0) > 1e-6:
+        fail("--rho-uniform, --rho-delta and --rho-categorical must sum to 1")
 
 
 def acted_on_grid(global_step: int, args: Args) -> bool:  # so that an evaluation judges the policy that was trained

@@ -67,7 +67,7 @@ class Args:
     cem_iterations: int = 2  # sample-and-refit rounds (paper: 2; TF-Agents: 3)
     cem_min_std: float = 0.01  # floor on each dimension's refitted std (TF-Agents: minimum variance 1e-4)
 
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's name
     seed: int = 1  # seed of the environments, the exploration and the initialisation
     num_envs: int = 1  # environments stepped together, a process each when > 1 (one update per train_frequency)
     track: bool = False  # log the run to Weights & Biases
@@ -237,7 +237,11 @@ def update(model: QNetwork, state: QTOptState, buffer, new_transitions, key, cfg
     buffer = buffer_add(buffer, new_transitions)
     if cfg.updates <= 1:  # one step takes the key itself: one environment reproduces its single-environment run
         return gradient_step(model, state, buffer, key, cfg) if cfg.updates else (state, buffer, {})
-    step = lambda carry, k: (lambda s, b, m: ((s, b), m))(*gradient_step(model, *carry, k, cfg))
+
+    def step(carry, k):
+        state, buffer, metrics = gradient_step(model, *carry, k, cfg)
+        return (state, buffer), metrics
+
     (state, buffer), metrics = jax.lax.scan(step, (state, buffer), jax.random.split(key, cfg.updates))
     return state, buffer, jax.tree.map(lambda m: m[-1], metrics)
 

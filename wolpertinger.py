@@ -73,7 +73,7 @@ class Args:
     recall_target: float = 0.95  # expected recall of --knn approx
     knn_in_target: bool = False  # target: the target critic's best of the k nearest to mu'(s') (paper), not Q'(s', mu')
 
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's name
     seed: int = 1  # seed of the environments, the exploration and the initialisation
     num_envs: int = 1  # environments stepped together, a process each when > 1 (one update per train_frequency)
     track: bool = False  # log the run to Weights & Biases
