@@ -204,13 +204,13 @@ def test_a_grid_its_script_accepts_is_printed_whole(tmp_path):
 
 def test_extra_takes_its_value_after_a_space_as_well_as_after_an_equals_sign(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    commands = []
-    for extra in (["--extra", "--num-bins 5 --m-greedy 20"], ["--extra=--num-bins 5 --m-greedy 20"]):
-        argv = ["print", "--env-ids", "walker-walk", "--seeds", "1", "2", *extra]
-        learning.main(tyro.cli(learning.Mode, args=learning.joined_extra(argv)))  # as its __main__ parses
-        commands.append(capsys.readouterr().out)
-    assert commands[0] == commands[1]
-    for line in commands[0].strip().splitlines():
+    grids = [
+        tyro.cli(learning.Mode, args=learning.joined_extra(["print", "--seeds", "1", "2", *extra]))  # as __main__
+        for extra in (["--extra", "--num-bins 5 --m-greedy 20"], ["--extra=--num-bins 5 --m-greedy 20"])
+    ]
+    assert grids[0] == grids[1]
+    learning.main(grids[0])
+    for line in capsys.readouterr().out.strip().splitlines():
         parsed = tyro.cli(q.Args, args=line.split()[2:])
         assert (parsed.num_bins, parsed.m_greedy) == (5, 20)
 
