@@ -48,9 +48,7 @@ warnings.filterwarnings("ignore", message=".*precision lowered by casting to flo
 
 @dataclass
 class Args:
-    env_id: str = (
-        "walker-walk"  # DeepMind Control task `domain-task` (e.g. humanoid-walk), or a Box or Discrete Gymnasium id
-    )
+    env_id: str = "walker-walk"  # DeepMind Control `domain-task` (humanoid-walk), or a Box/Discrete Gymnasium id
     total_timesteps: int = 100_000  # environment steps to train for
     learning_rate: float = 5e-4  # Adam step size, shared by the Q network and the proposal
     buffer_size: int = 1_000_000  # replay memory capacity in transitions
@@ -64,16 +62,16 @@ class Args:
     priority_exponent: float = 0.6  # alpha: how strongly priorities skew sampling
     importance_exponent: float = 0.2  # beta: strength of the importance-sampling correction
     priority_epsilon: float = 1e-6  # added to |TD error|, so that no transition has zero priority
-    num_bins: int = 11  # bins per Box action dimension on [-1, 1] (odd: 0 is one); a Discrete(n) space has its n
+    num_bins: int = 11  # bins per Box action dimension on [-1, 1] (odd: 0 is a bin); unused for Discrete(n)
     n_proposal: int = 100  # N: proposal samples per state in every arg-max search (0: UniformQL, no proposal)
     m_uniform: int = 400  # M: uniform samples per state in every arg-max search
     entropy_coef: float = 0.1  # weight of the proposal's entropy bonus (keeps it from collapsing between targets)
     proposal_hidden: int = 128  # width of the proposal's hidden layer
-    amortisation_states: int = 256  # replayed states the update before each log line measures the gap on (0: never)
+    amortisation_states: int = 256  # batch states (at most all) the gap is measured on before each log (0: never)
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's name
     seed: int = 1  # seed of the environments, the exploration and the initialisation
-    num_envs: int = 1  # environments stepped together, a process each when > 1 (one update per train_frequency)
+    num_envs: int = 1  # environments stepped together (a process each when > 1); updates count all their steps
     track: bool = False  # log the run to Weights & Biases
     wandb_project_name: str = "qmle-jax"  # the Weights & Biases project
     wandb_entity: Optional[str] = None  # the Weights & Biases entity (team)
@@ -209,9 +207,9 @@ def sample_candidates(model: AQLNetwork, params, embedding, key, n_proposal: int
 
 
 def q_over_candidates(model: AQLNetwork, params, embedding, candidates, states_per_chunk: int = 8):
-    """Q of every candidate of every state, [B, 128], [B, M, D] -> [B, M], 8 states at a time (fastest on a CPU). Where
-    the whole action space is no larger than a state's candidates (CartPole, 1-D cartpole-swingup), Q of each action
-    once, gathered: the same values at a fraction of the cost."""
+    """Q of every candidate of every state, [B, 128], [B, M, D] -> [B, M], up to 8 states at a time (fastest on a
+    CPU). Where the whole action space is no larger than a state's candidates (CartPole, 1-D cartpole-swingup), Q of
+    each action once, gathered: the same values at a fraction of the cost."""
     batch, space = embedding.shape[0], (model.num_bins,) * model.action_dim
     if math.prod(space) <= candidates.shape[1]:  # Python ints: 11^38 overflows int64
         every_action = jnp.stack(jnp.unravel_index(jnp.arange(math.prod(space)), space), -1)  # [|A|, D]

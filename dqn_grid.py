@@ -66,7 +66,7 @@ class Args:
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's name
     seed: int = 1  # seed of the environments, the exploration and the initialisation
-    num_envs: int = 1  # environments stepped together, a process each when > 1 (one update per train_frequency)
+    num_envs: int = 1  # environments stepped together (a process each when > 1); updates count all their steps
     track: bool = False  # log the run to Weights & Biases
     wandb_project_name: str = "qmle-jax"  # the Weights & Biases project
     wandb_entity: Optional[str] = None  # the Weights & Biases entity (team)

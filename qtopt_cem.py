@@ -65,11 +65,11 @@ class Args:
     cem_samples: int = 64  # actions CEM samples and evaluates per iteration (paper: 64; TF-Agents: 32)
     cem_elites: int = 6  # highest-Q samples the Gaussian is refitted to (paper: 6; TF-Agents: 4)
     cem_iterations: int = 2  # sample-and-refit rounds (paper: 2; TF-Agents: 3)
-    cem_min_std: float = 0.01  # floor on each dimension's refitted std (TF-Agents: minimum variance 1e-4)
+    cem_min_std: float = 0.01  # floor on each dimension's refitted std (TF-Agents' minimum variance 1e-4)
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's name
     seed: int = 1  # seed of the environments, the exploration and the initialisation
-    num_envs: int = 1  # environments stepped together, a process each when > 1 (one update per train_frequency)
+    num_envs: int = 1  # environments stepped together (a process each when > 1); updates count all their steps
     track: bool = False  # log the run to Weights & Biases
     wandb_project_name: str = "qmle-jax"  # the Weights & Biases project
     wandb_entity: Optional[str] = None  # the Weights & Biases entity (team)
@@ -656,7 +656,7 @@ def main(args: Args) -> None:
             if crossed(args.target_network_frequency):  # the first target hands its parameters to the second
                 state = state.replace(lagged_params=state.target_params, target_params=state.params)
             if crossed(args.log_frequency):
-                now, (std_sum, greedy_steps) = time.time(), np.asarray(greedy, np.float64)  # random actions not
+                now, (std_sum, greedy_steps) = time.time(), np.asarray(greedy, np.float64)  # greedy steps only
                 sps = (global_step - last_log[1]) / (now - last_log[0])
                 acting = {"cem/greedy_final_std": std_sum / greedy_steps} if greedy_steps else {}
                 logger.log(global_step, {"charts/SPS": sps, **acting, **metrics})

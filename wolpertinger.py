@@ -67,7 +67,7 @@ class Args:
     importance_exponent: float = 0.2  # beta: strength of the importance-sampling correction
     priority_epsilon: float = 1e-6  # added to |TD error|, so that no transition has zero priority
     max_actions: int = 200_000  # a Box task's grid: round(max_actions ** (1 / D)) bins per dimension (Discrete: unused)
-    k_ratio: float = 0.1  # k, the neighbours the critic chooses among, as a share of the actions (at least 1)
+    k_ratio: float = 0.1  # k, the neighbours the critic chooses among, as a share in (0, 1] of the actions
     k: Optional[int] = None  # k itself, instead of --k-ratio
     knn: Literal["exact", "approx"] = "exact"  # k-NN: all distances and top_k, or approx_max_k (approximate on TPU)
     recall_target: float = 0.95  # expected recall of --knn approx
@@ -75,7 +75,7 @@ class Args:
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run folder's name
     seed: int = 1  # seed of the environments, the exploration and the initialisation
-    num_envs: int = 1  # environments stepped together, a process each when > 1 (one update per train_frequency)
+    num_envs: int = 1  # environments stepped together (a process each when > 1); updates count all their steps
     track: bool = False  # log the run to Weights & Biases
     wandb_project_name: str = "qmle-jax"  # the Weights & Biases project
     wandb_entity: Optional[str] = None  # the Weights & Biases entity (team)
@@ -126,7 +126,7 @@ def action_table(space: gym.spaces.Space, max_actions: int) -> np.ndarray:
 
 
 def env_action(space: gym.spaces.Space, table: np.ndarray, index):  # index (Discrete), or its grid point (Box)
-    return np.asarray(index) if isinstance(space, gym.spaces.Discrete) else table[index]
+    return space.start + np.asarray(index) if isinstance(space, gym.spaces.Discrete) else table[index]
 
 
 def neighbour_count(args, num_actions: int) -> int:  # k: --k, or --k-ratio of the actions (at least one)
@@ -403,7 +403,8 @@ def check_actions(args: Args, space: gym.spaces.Space) -> None:
     k = neighbour_count(args, n)
     if k > n:
         fail(f"--k must be <= the number of actions ({n}), got {k}")
-    check_fits(f"a table of {n:,} actions (--max-actions) with k = {k:,}", nbytes(n))
+    flag = " (--max-actions)" if isinstance(space, gym.spaces.Box) else ""
+    check_fits(f"a table of {n:,} actions{flag} with k = {k:,}", nbytes(n))
     if k > 20_000 or n * dim > 2_000_000:
         print(f"warning: {n:,} actions of {dim} dimensions and k = {k:,} make every step slow", file=sys.stderr)
 

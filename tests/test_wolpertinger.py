@@ -138,6 +138,8 @@ def test_discrete_actions_get_evenly_spaced_embeddings_and_grid_points_reach_the
         assert float(env.unwrapped.last_u) == pytest.approx(torque, abs=1e-5)  # rescaled to Pendulum's [-2, 2]
     cartpole = w.make_env("CartPole-v1", 0)
     assert w.env_action(cartpole.action_space, w.action_table(cartpole.action_space, 7), 1) == 1
+    shifted = gym.spaces.Discrete(3, start=-1)  # index i is the space's start + i
+    assert [w.env_action(shifted, w.action_table(shifted, 7), i) for i in range(3)] == [-1, 0, 1]
 
 
 # --- acting ---------------------------------------------------------------------------------------------------------
