@@ -3,11 +3,13 @@ of other methods (docs/high_dim/). Three steps, each writing into --output-dir (
 
     python benchmarks/high_dim.py random                          # random.csv: >= 10 random episodes per task
     python benchmarks/high_dim.py anchors --source CURVES_CSV   # anchors.csv, once, from the dmc-anchors collection
-    python benchmarks/high_dim.py report --runs ~/longruns/*/runs/*   # the curves, README's table, a figure a task
+    python benchmarks/high_dim.py report --runs ~/longruns/*/runs/*   # the curves, README's tables, a figure a task
 """
 
 import csv
 import glob
+import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ class Anchors:
 
 @dataclass
 class Report:
-    """The runs' curves as CSV, their table (in README.md) and one figure per task beside the floor and the anchors."""
+    """The runs' curves as CSV, their tables (in README.md) and one figure per task beside the floor and the anchors."""
 
     runs: List[str]  # run folders of qmle_dmc.py (each with metrics.csv and checkpoint.npz)
     output_dir: str = os.path.join(ROOT, "docs", "high_dim")  # where the CSVs, README.md and the figures are
@@ -110,6 +112,74 @@ def run_rows(run_dir: str) -> tuple:
         if row["charts/SPS"] and step > 2000:  # past the compilations
             sps.append(float(row["charts/SPS"]))
     return episodes, evaluations, sps
+
+
+def value_rows(run_dir: str, window: int = 100_000, tail: int = 500) -> list:
+    """Per `window` steps of a run of one environment: its training return; the discounted return its stored rewards
+    give from each step at least `tail` steps before its episode's end (the rest of the episode is then under
+    gamma ** tail of it); and the mean Q of the replayed actions and the TD loss its updates logged there. From its
+    metrics.csv and the replay buffer of its checkpoint; a Q far above the discounted return is overestimation."""
+    paths = [os.path.join(run_dir, "checkpoint.npz"), os.path.join(run_dir, "checkpoint", "state.npz")]  # now, 9947e49
+    path = next((p for p in paths if os.path.exists(p)), None)
+    if path is None:
+        return []
+    with np.load(path) as f:
+        meta, capacity = json.loads(str(f["__meta__"])), len(f["['buffer'].storage['reward']"])
+        size, cursor = int(f["['buffer'].size"]), int(f["['buffer'].cursor"])
+        rewards = (
+            np.roll(f["['buffer'].storage['reward']"], -cursor)
+            if size == capacity
+            else f["['buffer'].storage['reward']"][:size]
+        )
+    settings = meta["args"]
+    if settings["num_envs"] != 1:  # one environment's transitions are stored in the order they happened
+        return []
+    last = meta["global_step"] - meta["global_step"] % settings["train_frequency"]  # the rest still pending
+    steps = np.arange(last - size + 1, last + 1)  # each stored transition's global step after it
+    rows = read(os.path.join(run_dir, "metrics.csv"))
+    ends = {int(r["global_step"]) for r in rows if r["charts/episodic_return"]}
+    returns, to_end, ahead, left = np.zeros(size), np.full(size, -1), 0.0, -1  # -1: its episode had not ended
+    for i in range(size - 1, -1, -1):
+        if steps[i] in ends:
+            ahead, left = 0.0, 0
+        elif left >= 0:
+            left += 1
+        ahead = float(rewards[i]) + settings["gamma"] * ahead
+        returns[i], to_end[i] = ahead, left
+    env_id, _, seed, _ = os.path.basename(run_dir.rstrip("/")).split("__")
+    out, first = [], window * math.ceil((steps[0] - 1) / window) + window  # windows the buffer holds whole
+    for end in range(first, last + 1, window):
+        there = [r for r in rows if end - window < int(r["global_step"]) <= end]
+        kept = (steps > end - window) & (steps <= end) & (to_end >= tail)
+        out.append(
+            dict(
+                env_id=env_id,
+                seed=int(seed),
+                step=end,
+                episodic_return=column_mean(there, "charts/episodic_return"),
+                discounted_return=float(np.mean(returns[kept])),
+                q_values=column_mean(there, "losses/q_values"),
+                td_loss=column_mean(there, "losses/td_loss"),
+            )
+        )
+    return out
+
+
+def column_mean(rows: list, column: str) -> float:
+    return float(np.mean([float(r[column]) for r in rows if r[column]]))
+
+
+def values_table(rows: list) -> str:
+    lines = [
+        "| task, seed | steps | training return | discounted return | logged Q | Q / discounted return | TD loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["env_id"], int(r["seed"]), int(r["step"]))):
+        q, g = float(r["q_values"]), float(r["discounted_return"])
+        cells = [f"{int(r['step']) // 1000 - 100}k–{int(r['step']) // 1000}k", f"{float(r['episodic_return']):.1f}"]
+        cells += [f"{g:.2f}", f"{q:.2f}", f"{q / g:.1f}", f"{float(r['td_loss']):.3f}"]
+        lines.append(f"| {r['env_id']}, {r['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def window_means(episodes: list, end: int, last: int = 10) -> tuple:
@@ -219,19 +289,19 @@ def report(args: Report) -> None:
     folders = sorted({d for pattern in args.runs for d in glob.glob(os.path.expanduser(pattern))})
     if not folders:
         fail(f"--runs {' '.join(args.runs)} names no run folder")
-    episodes, evaluations, runs = [], [], []
+    episodes, evaluations, runs, values = [], [], [], []
     for run_dir in folders:
         e, v, rates = run_rows(run_dir)
-        episodes, evaluations = episodes + e, evaluations + v
+        episodes, evaluations, values = episodes + e, evaluations + v, values + value_rows(run_dir)
         reached = max(r["step"] for r in e)
         runs.append(dict(env_id=e[0]["env_id"], seed=e[0]["seed"], reached=reached, sps=np.median(rates), cpu=args.cpu))
     out = args.output_dir
-    for name, rows in (("learning_curves", episodes), ("evaluations", evaluations), ("runs", runs)):
+    for name, rows in (("learning_curves", episodes), ("evaluations", evaluations), ("runs", runs), ("values", values)):
         write(os.path.join(out, f"{name}.csv"), rows)
     with open(os.path.join(out, "README.md")) as f:
         text = f.read()
     anchors, floor = read(os.path.join(out, "anchors.csv")), random_floor(out)
-    text = with_table(text, table(episodes, runs, floor))
+    text = with_table(with_table(text, table(episodes, runs, floor)), values_table(values), "values")
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(with_table(text, standing(evaluations, anchors, floor), "standing"))
     for env_id in sorted({r["env_id"] for r in runs}):

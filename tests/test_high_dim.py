@@ -1,10 +1,12 @@
 """benchmarks/high_dim.py: the long runs' table against an independent computation, and the committed table against
 the committed curves it was made from."""
 
+import json
 import os
 import sys
 
 import numpy as np
+import pytest
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -77,3 +79,60 @@ def test_the_committed_standing_table_is_what_the_committed_evaluations_say():
     )
     text = open(os.path.join(DOCS, "README.md")).read()
     assert "QMLE (seeds)" in text and high_dim.with_table(text, standing, "standing") == text
+
+
+def synthetic_run(folder, capacity, last=250_000, gamma=0.9):
+    """A one-environment run of 1000-step episodes to `last`, episode k's every reward 0.01 (k + 1), with the replay
+    buffer of its checkpoint holding the last `capacity` transitions (written over the oldest, as the agent's)."""
+    run_dir = folder / f"dog-walk__longrun__3__{capacity}"
+    run_dir.mkdir()
+    steps = np.arange(1, last + 1)
+    storage = np.zeros(capacity, np.float32)
+    stored = steps[-capacity:]
+    storage[(stored - 1) % capacity] = 0.01 * ((stored - 1) // 1000 + 1)
+    meta = dict(args=dict(num_envs=1, train_frequency=10, gamma=gamma), global_step=last + 5)  # 5 still pending
+    np.savez(
+        run_dir / "checkpoint.npz",
+        __meta__=json.dumps(meta),
+        **{
+            "['buffer'].storage['reward']": storage,
+            "['buffer'].size": len(stored),
+            "['buffer'].cursor": last % capacity,
+        },
+    )
+    with open(run_dir / "metrics.csv", "w") as f:
+        f.write("global_step,charts/episodic_return,losses/q_values,losses/td_loss\n")
+        for step in range(1000, last + 1, 1000):
+            f.write(f"{step},{10.0 * (step // 1000)},,\n{step},,{step / 1e5},0.5\n")
+    return str(run_dir)
+
+
+def test_the_value_table_discounts_each_episodes_rewards_to_its_end_beside_the_logged_q(tmp_path):
+    gamma, tail = 0.9, 5  # a short tail, so that a next episode's rewards would show: gamma ** 5 = 0.59
+    p = np.arange(1000 - tail)  # the positions in an episode with at least `tail` steps after them
+    expected = {  # episode k's steps at position p: 0.01 (k + 1) (1 - gamma ** (1000 - p)) / (1 - gamma)
+        end: np.mean(
+            [0.01 * (k + 1) * (1 - gamma ** (1000 - p)) / (1 - gamma) for k in range(end // 1000 - 100, end // 1000)]
+        )
+        for end in (100_000, 200_000)
+    }
+    whole, wrapped = (
+        high_dim.value_rows(synthetic_run(tmp_path, c, gamma=gamma), tail=tail) for c in (300_000, 160_000)
+    )
+    assert [r["step"] for r in whole] == [100_000, 200_000]  # windows of 100k the run completed
+    assert [r["step"] for r in wrapped] == [200_000]  # the buffer no longer holds all of 0-100k
+    for r in whole + wrapped:
+        assert r["discounted_return"] == pytest.approx(expected[r["step"]], rel=1e-5)
+        assert r["episodic_return"] == pytest.approx(
+            10.0 * np.mean(np.arange(r["step"] // 1000 - 99, r["step"] // 1000 + 1))
+        )
+        assert r["q_values"] == pytest.approx(np.mean(np.arange(r["step"] - 99_000, r["step"] + 1, 1000) / 1e5))
+        assert r["td_loss"] == 0.5
+    row = high_dim.values_table(wrapped).splitlines()[2]
+    assert row.startswith("| dog-walk, 3 | 100k–200k | ") and f"| {2.0 / expected[200_000]:.1f} |" in row
+
+
+def test_the_committed_value_table_is_what_the_committed_values_say():
+    values = high_dim.values_table(high_dim.read(os.path.join(DOCS, "values.csv")))
+    text = open(os.path.join(DOCS, "README.md")).read()
+    assert "discounted return" in text and high_dim.with_table(text, values, "values") == text
