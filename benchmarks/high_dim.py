@@ -9,7 +9,6 @@ of other methods (docs/high_dim/). Three steps, each writing into --output-dir (
 import csv
 import glob
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -85,6 +84,8 @@ def copy_anchors(args: Anchors) -> None:
 
 
 def write(path: str, rows: list) -> None:
+    if not rows:
+        return print(f"nothing to write to {path}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -115,49 +116,47 @@ def run_rows(run_dir: str) -> tuple:
 
 
 def value_rows(run_dir: str, window: int = 100_000, tail: int = 500) -> list:
-    """Per `window` steps of a run of one environment: its training return; the discounted return its stored rewards
-    give from each step at least `tail` steps before its episode's end (the rest of the episode is then under
-    gamma ** tail of it); and the mean Q of the replayed actions and the TD loss its updates logged there. From its
-    metrics.csv and the replay buffer of its checkpoint; a Q far above the discounted return is overestimation."""
+    """Per `window` steps of a run of one environment, from its metrics.csv and its checkpoint's replay buffer: its
+    training return there, the mean Q of replayed actions and the TD loss its updates logged there, and the mean
+    discounted return of the transitions the buffer held at the window's end (those that replays drew from), each
+    from its step to its episode's end (steps within `tail` of the end, and episodes that did not end, such as one
+    cut short by a resume, are left out). Windows whose buffer the checkpoint no longer holds whole are skipped."""
     paths = [os.path.join(run_dir, "checkpoint.npz"), os.path.join(run_dir, "checkpoint", "state.npz")]  # now, 9947e49
     path = next((p for p in paths if os.path.exists(p)), None)
     if path is None:
         return []
     with np.load(path) as f:
-        meta, capacity = json.loads(str(f["__meta__"])), len(f["['buffer'].storage['reward']"])
+        meta, stored = json.loads(str(f["__meta__"])), f["['buffer'].storage['reward']"]
         size, cursor = int(f["['buffer'].size"]), int(f["['buffer'].cursor"])
-        rewards = (
-            np.roll(f["['buffer'].storage['reward']"], -cursor)
-            if size == capacity
-            else f["['buffer'].storage['reward']"][:size]
-        )
-    settings = meta["args"]
+    settings, capacity = meta["args"], len(stored)
     if settings["num_envs"] != 1:  # one environment's transitions are stored in the order they happened
         return []
+    rewards = np.roll(stored, -cursor) if size == capacity else stored[:size]  # oldest first
     last = meta["global_step"] - meta["global_step"] % settings["train_frequency"]  # the rest still pending
-    steps = np.arange(last - size + 1, last + 1)  # each stored transition's global step after it
+    first = last - size + 1  # global step after the oldest stored transition
     rows = read(os.path.join(run_dir, "metrics.csv"))
-    ends = {int(r["global_step"]) for r in rows if r["charts/episodic_return"]}
-    returns, to_end, ahead, left = np.zeros(size), np.full(size, -1), 0.0, -1  # -1: its episode had not ended
-    for i in range(size - 1, -1, -1):
-        if steps[i] in ends:
-            ahead, left = 0.0, 0
-        elif left >= 0:
-            left += 1
-        ahead = float(rewards[i]) + settings["gamma"] * ahead
-        returns[i], to_end[i] = ahead, left
+    returns = np.full(size, np.nan)
+    for r in rows:  # each episode that ended by the checkpoint: (end - length, end]
+        end = int(r["global_step"])
+        if r["charts/episodic_return"] and end <= last:
+            ahead = 0.0
+            for step in range(end, max(end - int(float(r["charts/episodic_length"])), first - 1), -1):
+                ahead = float(rewards[step - first]) + settings["gamma"] * ahead
+                returns[step - first] = ahead if end - step >= tail else np.nan
     env_id, _, seed, _ = os.path.basename(run_dir.rstrip("/")).split("__")
-    out, first = [], window * math.ceil((steps[0] - 1) / window) + window  # windows the buffer holds whole
-    for end in range(first, last + 1, window):
+    steps, out = np.arange(first, last + 1), []
+    for end in range(window, last + 1, window):
+        if max(end - capacity, 0) < first - 1:  # part of what the buffer held then is overwritten
+            continue
         there = [r for r in rows if end - window < int(r["global_step"]) <= end]
-        kept = (steps > end - window) & (steps <= end) & (to_end >= tail)
+        held = returns[(steps > end - capacity) & (steps <= end)]
         out.append(
             dict(
                 env_id=env_id,
                 seed=int(seed),
                 step=end,
                 episodic_return=column_mean(there, "charts/episodic_return"),
-                discounted_return=float(np.mean(returns[kept])),
+                discounted_return=float(np.nanmean(held)),
                 q_values=column_mean(there, "losses/q_values"),
                 td_loss=column_mean(there, "losses/td_loss"),
             )
@@ -171,13 +170,13 @@ def column_mean(rows: list, column: str) -> float:
 
 def values_table(rows: list) -> str:
     lines = [
-        "| task, seed | steps | training return | discounted return | logged Q | Q / discounted return | TD loss |",
+        "| task, seed | step | training return | discounted return | logged Q | Q / discounted return | TD loss |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["env_id"], int(r["seed"]), int(r["step"]))):
         q, g = float(r["q_values"]), float(r["discounted_return"])
-        cells = [f"{int(r['step']) // 1000 - 100}k–{int(r['step']) // 1000}k", f"{float(r['episodic_return']):.1f}"]
-        cells += [f"{g:.2f}", f"{q:.2f}", f"{q / g:.1f}", f"{float(r['td_loss']):.3f}"]
+        cells = [f"{int(r['step']) // 1000}k", f"{float(r['episodic_return']):.1f}", f"{g:.2f}", f"{q:.2f}"]
+        cells += [f"{q / g:.1f}" if g > 0 else "–", f"{float(r['td_loss']):.3f}"]
         lines.append(f"| {r['env_id']}, {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -291,8 +290,10 @@ def report(args: Report) -> None:
         fail(f"--runs {' '.join(args.runs)} names no run folder")
     episodes, evaluations, runs, values = [], [], [], []
     for run_dir in folders:
-        e, v, rates = run_rows(run_dir)
-        episodes, evaluations, values = episodes + e, evaluations + v, values + value_rows(run_dir)
+        (e, v, rates), q = run_rows(run_dir), value_rows(run_dir)
+        if not q:
+            print(f"note: {run_dir}: no Q values against returns (no checkpoint, or several environments)")
+        episodes, evaluations, values = episodes + e, evaluations + v, values + q
         reached = max(r["step"] for r in e)
         runs.append(dict(env_id=e[0]["env_id"], seed=e[0]["seed"], reached=reached, sps=np.median(rates), cpu=args.cpu))
     out = args.output_dir

@@ -81,55 +81,67 @@ def test_the_committed_standing_table_is_what_the_committed_evaluations_say():
     assert "QMLE (seeds)" in text and high_dim.with_table(text, standing, "standing") == text
 
 
-def synthetic_run(folder, capacity, last=250_000, gamma=0.9):
-    """A one-environment run of 1000-step episodes to `last`, episode k's every reward 0.01 (k + 1), with the replay
-    buffer of its checkpoint holding the last `capacity` transitions (written over the oldest, as the agent's)."""
+def synthetic_episodes(last=300_000, length=1300, resumed_at=150_000):
+    """(start, end, reward) of a one-environment run's episodes to `last`: 1300 steps each, every reward of episode k
+    0.001 (k + 1); the one under way at `resumed_at` is cut short there (a resume starts a new one, and its end is
+    never logged), and the last one has not ended. Steps count from 1."""
+    episodes, start = [], 1
+    while start <= last:
+        end = min(start + length - 1, resumed_at if start <= resumed_at else last, last)
+        episodes.append((start, end, 0.001 * (len(episodes) + 1)))
+        start = end + 1
+    return episodes
+
+
+def synthetic_run(folder, capacity, gamma, last=300_000):
+    """The run of synthetic_episodes(last) with a checkpoint at `last` + 5 (5 transitions still pending), its replay
+    buffer holding the last `capacity` transitions, written over the oldest as the agent's is."""
     run_dir = folder / f"dog-walk__longrun__3__{capacity}"
     run_dir.mkdir()
-    steps = np.arange(1, last + 1)
+    rewards = np.concatenate([np.full(end - start + 1, r, np.float32) for start, end, r in synthetic_episodes(last)])
+    stored = np.arange(max(last - capacity, 0) + 1, last + 1)
     storage = np.zeros(capacity, np.float32)
-    stored = steps[-capacity:]
-    storage[(stored - 1) % capacity] = 0.01 * ((stored - 1) // 1000 + 1)
-    meta = dict(args=dict(num_envs=1, train_frequency=10, gamma=gamma), global_step=last + 5)  # 5 still pending
-    np.savez(
-        run_dir / "checkpoint.npz",
-        __meta__=json.dumps(meta),
-        **{
-            "['buffer'].storage['reward']": storage,
-            "['buffer'].size": len(stored),
-            "['buffer'].cursor": last % capacity,
-        },
-    )
+    storage[(stored - 1) % capacity] = rewards[stored - 1]
+    meta = dict(args=dict(num_envs=1, train_frequency=10, gamma=gamma), global_step=last + 5)
+    buffer = {"['buffer'].storage['reward']": storage, "['buffer'].size": len(stored), "['buffer'].cursor": 0}
+    buffer["['buffer'].cursor"] = last % capacity
+    np.savez(run_dir / "checkpoint.npz", __meta__=json.dumps(meta), **buffer)
     with open(run_dir / "metrics.csv", "w") as f:
-        f.write("global_step,charts/episodic_return,losses/q_values,losses/td_loss\n")
-        for step in range(1000, last + 1, 1000):
-            f.write(f"{step},{10.0 * (step // 1000)},,\n{step},,{step / 1e5},0.5\n")
+        f.write("global_step,charts/episodic_return,charts/episodic_length,losses/q_values,losses/td_loss\n")
+        for start, end, r in synthetic_episodes(last):
+            if end - start + 1 == 1300:  # ended: neither the one cut short nor the last
+                f.write(f"{end},{1300 * r},1300.0,,\n")
+        for step in range(1000, last + 1001, 1000):  # past the checkpoint too, as a run that went on writes
+            f.write(f"{step},,,{step / 1e5},0.5\n")
     return str(run_dir)
 
 
 def test_the_value_table_discounts_each_episodes_rewards_to_its_end_beside_the_logged_q(tmp_path):
-    gamma, tail = 0.9, 5  # a short tail, so that a next episode's rewards would show: gamma ** 5 = 0.59
-    p = np.arange(1000 - tail)  # the positions in an episode with at least `tail` steps after them
-    expected = {  # episode k's steps at position p: 0.01 (k + 1) (1 - gamma ** (1000 - p)) / (1 - gamma)
-        end: np.mean(
-            [0.01 * (k + 1) * (1 - gamma ** (1000 - p)) / (1 - gamma) for k in range(end // 1000 - 100, end // 1000)]
-        )
-        for end in (100_000, 200_000)
-    }
-    whole, wrapped = (
-        high_dim.value_rows(synthetic_run(tmp_path, c, gamma=gamma), tail=tail) for c in (300_000, 160_000)
-    )
-    assert [r["step"] for r in whole] == [100_000, 200_000]  # windows of 100k the run completed
-    assert [r["step"] for r in wrapped] == [200_000]  # the buffer no longer holds all of 0-100k
-    for r in whole + wrapped:
-        assert r["discounted_return"] == pytest.approx(expected[r["step"]], rel=1e-5)
-        assert r["episodic_return"] == pytest.approx(
-            10.0 * np.mean(np.arange(r["step"] // 1000 - 99, r["step"] // 1000 + 1))
-        )
-        assert r["q_values"] == pytest.approx(np.mean(np.arange(r["step"] - 99_000, r["step"] + 1, 1000) / 1e5))
-        assert r["td_loss"] == 0.5
+    gamma, tail = 0.9, 5  # a short tail, so that another episode's rewards would show: gamma ** 5 = 0.59
+
+    def expected(end, capacity):  # each held step's return, summed to its episode's end in closed form
+        returns = [
+            r * (1 - gamma ** (stop - t + 1)) / (1 - gamma)
+            for start, stop, r in synthetic_episodes()
+            if stop - start + 1 == 1300 and stop <= 300_000
+            for t in range(max(start, end - capacity + 1, 1), min(stop, end) + 1)
+            if stop - t >= tail
+        ]
+        return np.mean(returns)
+
+    whole, wrapped = (high_dim.value_rows(synthetic_run(tmp_path, c, gamma), tail=tail) for c in (400_000, 200_000))
+    assert [r["step"] for r in whole] == [100_000, 200_000, 300_000]
+    assert [r["step"] for r in wrapped] == [300_000]  # at 100k and 200k the buffer held steps now overwritten
+    for rows, capacity in ((whole, 400_000), (wrapped, 200_000)):
+        for r in rows:
+            assert r["discounted_return"] == pytest.approx(expected(r["step"], capacity), rel=1e-5)
+            assert r["q_values"] == pytest.approx(np.mean(np.arange(r["step"] - 99_000, r["step"] + 1, 1000) / 1e5))
+            assert r["td_loss"] == 0.5
+    ended = [(stop, 1300 * r) for start, stop, r in synthetic_episodes() if stop - start + 1 == 1300]
+    assert whole[1]["episodic_return"] == pytest.approx(np.mean([v for stop, v in ended if 100_000 < stop <= 200_000]))
     row = high_dim.values_table(wrapped).splitlines()[2]
-    assert row.startswith("| dog-walk, 3 | 100k–200k | ") and f"| {2.0 / expected[200_000]:.1f} |" in row
+    q = np.mean(np.arange(201_000, 300_001, 1000) / 1e5)
+    assert row.startswith("| dog-walk, 3 | 300k | ") and f"| {q / expected(300_000, 200_000):.1f} |" in row
 
 
 def test_the_committed_value_table_is_what_the_committed_values_say():
