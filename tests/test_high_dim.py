@@ -37,16 +37,6 @@ def test_the_table_averages_each_seeds_last_ten_and_whole_run_up_to_each_checkpo
     assert cells[6:] == ["–", "–"]  # no seed has reached 500k or 1M
 
 
-def test_the_committed_table_is_what_the_committed_curves_say():
-    table = high_dim.table(
-        high_dim.read(os.path.join(DOCS, "learning_curves.csv")),
-        high_dim.read(os.path.join(DOCS, "runs.csv")),
-        high_dim.random_floor(DOCS),
-    )
-    text = open(os.path.join(DOCS, "README.md")).read()
-    assert high_dim.with_table(text, table) == text
-
-
 def test_the_standing_table_sets_the_seeds_evaluations_beside_each_method_at_the_same_step():
     # two seeds evaluated every 50k (seed 2 to 100k only), and two methods: TD7 with two seeds at 100k, MR.Q at 200k
     evaluations = [
@@ -69,16 +59,6 @@ def test_the_standing_table_sets_the_seeds_evaluations_beside_each_method_at_the
     assert at_200k["QMLE (seeds)"] == "201.0 (1)" and at_100k["random"] == "8.0"
     assert at_100k["TD7"] == "35.0" and at_100k["MR.Q"] == "–"  # another task's MR.Q row is not this one's
     assert at_200k["MR.Q"] == "700.0" and at_200k["TD7"] == "–"
-
-
-def test_the_committed_standing_table_is_what_the_committed_evaluations_say():
-    standing = high_dim.standing(
-        high_dim.read(os.path.join(DOCS, "evaluations.csv")),
-        high_dim.read(os.path.join(DOCS, "anchors.csv")),
-        high_dim.random_floor(DOCS),
-    )
-    text = open(os.path.join(DOCS, "README.md")).read()
-    assert "QMLE (seeds)" in text and high_dim.with_table(text, standing, "standing") == text
 
 
 def synthetic_episodes(last=300_000, length=1300, resumed_at=150_000):
@@ -144,7 +124,15 @@ def test_the_value_table_discounts_each_episodes_rewards_to_its_end_beside_the_l
     assert row.startswith("| dog-walk, 3 | 300k | ") and f"| {q / expected(300_000, 200_000):.1f} |" in row
 
 
-def test_the_committed_value_table_is_what_the_committed_values_say():
-    values = high_dim.values_table(high_dim.read(os.path.join(DOCS, "values.csv")))
+@pytest.mark.parametrize(
+    "name, render",
+    [
+        ("table", lambda d: high_dim.table(d("learning_curves.csv"), d("runs.csv"), high_dim.random_floor(DOCS))),
+        ("standing", lambda d: high_dim.standing(d("evaluations.csv"), d("anchors.csv"), high_dim.random_floor(DOCS))),
+        ("values", lambda d: high_dim.values_table(d("values.csv"))),
+    ],
+)
+def test_each_committed_table_is_what_the_committed_csvs_say(name, render):
     text = open(os.path.join(DOCS, "README.md")).read()
-    assert "discounted return" in text and high_dim.with_table(text, values, "values") == text
+    assert f"<!-- {name}: begin" in text
+    assert high_dim.with_table(text, render(lambda f: high_dim.read(os.path.join(DOCS, f))), name) == text
