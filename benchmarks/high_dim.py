@@ -4,6 +4,8 @@ of other methods (docs/high_dim/). Three steps, each writing into --output-dir (
     python benchmarks/high_dim.py random                          # random.csv: >= 10 random episodes per task
     python benchmarks/high_dim.py anchors --source CURVES_CSV   # anchors.csv, once, from the dmc-anchors collection
     python benchmarks/high_dim.py report --runs ~/longruns/*/runs/*   # the curves, README's tables, a figure a task
+
+A lost run's committed rows stand until its restart from scratch passes them.
 """
 
 import csv
@@ -212,7 +214,8 @@ def table(episodes: list, runs: list, floor: dict) -> str:
                 window_means([e for e in episodes if (e["env_id"], int(e["seed"])) == (env_id, s)], end) for s in done
             ]
             cells.append(f"{mean_se([m[0] for m in means])}; {mean_se([m[1] for m in means])}" if done else "–")
-        reached = ", ".join(f"{r['seed']}: {int(r['reached']) // 1000}k" for r in own)
+        restarts = lambda r: f" (restarted: {int(r['restarted']) // 1000}k)" if r.get("restarted") else ""  # noqa: E731
+        reached = ", ".join(f"{r['seed']}: {int(r['reached']) // 1000}k{restarts(r)}" for r in own)
         cpus = sorted({r["cpu"] for r in own})  # each run's rate, grouped by the machine that ran it
         rates = "; ".join(", ".join(f"{float(r['sps']):.0f}" for r in own if r["cpu"] == c) + f" ({c})" for c in cpus)
         lines.append(f"| {env_id} | {reached} | {rates} | {floor[env_id]:.1f} | " + " | ".join(cells) + " |")
@@ -288,15 +291,19 @@ def report(args: Report) -> None:
     folders = sorted({d for pattern in args.runs for d in glob.glob(os.path.expanduser(pattern))})
     if not folders:
         fail(f"--runs {' '.join(args.runs)} names no run folder")
-    episodes, evaluations, runs, values = [], [], [], []
+    out, episodes, evaluations, runs, values = args.output_dir, [], [], [], []
+    committed = committed_runs(out)  # a lost machine's runs stand until their restarts pass them
     for run_dir in folders:
         (e, v, rates), q = run_rows(run_dir), value_rows(run_dir)
         if not q:
             print(f"note: {run_dir}: no Q values against returns (no checkpoint, or several environments)")
-        episodes, evaluations, values = episodes + e, evaluations + v, values + q
-        reached = max(r["step"] for r in e)
-        runs.append(dict(env_id=e[0]["env_id"], seed=e[0]["seed"], reached=reached, sps=np.median(rates), cpu=args.cpu))
-    out = args.output_dir
+        run = dict(env_id=e[0]["env_id"], seed=e[0]["seed"], reached=e[-1]["step"], sps=np.median(rates), cpu=args.cpu)
+        run["restarted"] = ""  # a lost run's row (below) gives the step its restart from scratch has reached
+        e, v, q, run = lost_run_until_passed(committed.pop((run["env_id"], run["seed"]), None), e, v, q, run)
+        episodes, evaluations, values, runs = episodes + e, evaluations + v, values + q, runs + [run]
+    for (env_id, seed), (e, v, q, run) in sorted(committed.items()):
+        print(f"note: {env_id} seed {seed}: no run folder given; its committed rows (to step {run['reached']}) stand")
+        episodes, evaluations, values, runs = episodes + e, evaluations + v, values + q, runs + [run]
     for name, rows in (("learning_curves", episodes), ("evaluations", evaluations), ("runs", runs), ("values", values)):
         write(os.path.join(out, f"{name}.csv"), rows)
     with open(os.path.join(out, "README.md")) as f:
@@ -315,6 +322,35 @@ def report(args: Report) -> None:
             [r for r in anchors if r["env_id"] == env_id and float(r["step"]) <= 1.1 * reach],
             os.path.join(out, f"{env_id}.png"),
         )
+
+
+def committed_runs(folder: str) -> dict:
+    """{(env_id, seed): (episodes, evaluations, values, run row)} of the runs the CSVs in `folder` hold."""
+    names = ("learning_curves", "evaluations", "values", "runs")
+    if not all(os.path.exists(os.path.join(folder, f"{name}.csv")) for name in names):
+        return {}
+    tables = [read(os.path.join(folder, f"{name}.csv")) for name in names]
+    for rows in tables[:2]:
+        for r in rows:
+            r.update(seed=int(r["seed"]), step=int(r["step"]), episodic_return=float(r["episodic_return"]))
+    runs = {(r["env_id"], int(r["seed"])): dict(r, restarted=r.get("restarted", "")) for r in tables[3]}
+    return {
+        key: [[r for r in rows if (r["env_id"], int(r["seed"])) == key] for rows in tables[:3]] + [row]
+        for key, row in runs.items()
+    }
+
+
+def lost_run_until_passed(old: list, episodes: list, evaluations: list, values: list, run: dict) -> tuple:
+    """A run restarted from scratch after its machine was lost: until it passes the lost run's last step, the rows
+    committed from the lost run (`old`, from committed_runs) stand, its runs.csv row saying how far the restart is."""
+    if old is None or run["reached"] >= int(old[3]["reached"]):
+        return episodes, evaluations, values, run
+    same = next((i for i, (a, b) in enumerate(zip(episodes, old[0])) if a != b), min(len(episodes), len(old[0])))
+    print(
+        f"note: {run['env_id']} seed {run['seed']}: the committed rows to step {old[3]['reached']} stand; its restarted"
+        f" run is at step {run['reached']}, its first {same} episodes equal to theirs"
+    )
+    return old[0], old[1], old[2], dict(old[3], restarted=run["reached"])
 
 
 def random_floor(folder: str) -> dict:

@@ -136,3 +136,47 @@ def test_each_committed_table_is_what_the_committed_csvs_say(name, render):
     text = open(os.path.join(DOCS, "README.md")).read()
     assert f"<!-- {name}: begin" in text
     assert high_dim.with_table(text, render(lambda f: high_dim.read(os.path.join(DOCS, f))), name) == text
+
+
+def test_a_lost_runs_rows_stand_until_its_restart_from_scratch_passes_them(tmp_path):
+    """After a lost machine each run restarts from scratch (and differs from the lost one after its first resume):
+    the lost run's committed rows stand until the restart passes its last step, then the restart's replace them; a
+    seed not restarted yet keeps its rows."""
+    out = tmp_path / "docs"
+    out.mkdir()
+    for name in ("README.md", "anchors.csv", "random.csv", "learning_curves.csv", "evaluations.csv", "values.csv"):
+        (out / name).write_text(open(os.path.join(DOCS, name)).read())
+    (out / "runs.csv").write_text(open(os.path.join(DOCS, "runs.csv")).read())
+    rows = lambda folder, name: high_dim.read(os.path.join(folder, f"{name}.csv"))  # noqa: E731
+    own = lambda table, seed: [r for r in table if (r["env_id"], r["seed"]) == ("dog-walk", seed)]  # noqa: E731
+    lost_reach = {r["seed"]: int(r["reached"]) for r in own(rows(DOCS, "runs"), "1") + own(rows(DOCS, "runs"), "2")}
+
+    def restarted(seed, until):  # dog-walk `seed` run again to step `until`: an episode a 1000 steps, each return 1.5
+        run_dir = tmp_path / f"dog-walk__longrun__{seed}__7"
+        run_dir.mkdir()
+        with open(run_dir / "metrics.csv", "w") as f:
+            f.write("global_step,charts/episodic_return,charts/SPS,eval/episodic_return\n")
+            f.writelines(
+                f"{step},1.5,50.0,{2.5 if step % 25_000 == 0 else ''}\n" for step in range(1000, until + 1, 1000)
+            )
+        return str(run_dir)
+
+    behind, past = restarted("1", lost_reach["1"] - 2000), restarted("2", lost_reach["2"] + 5000)
+    high_dim.report(high_dim.Report(runs=[behind, past], output_dir=str(out), cpu="test machine"))
+
+    def others(table):  # all but dog-walk seed 2's rows, how far a restart is aside (asserted below)
+        return [dict(r, restarted="") for r in table if (r["env_id"], r["seed"]) != ("dog-walk", "2")]
+
+    for name in ("learning_curves", "evaluations", "values", "runs"):
+        assert sorted(map(str, others(rows(out, name)))) == sorted(map(str, others(rows(DOCS, name)))), name
+    (run_1,) = own(rows(out, "runs"), "1")
+    assert run_1["restarted"] == str(lost_reach["1"] - 2000)
+    assert (
+        f"| dog-walk | 1: {lost_reach['1'] // 1000}k (restarted: {lost_reach['1'] // 1000 - 2}k), 2: "
+        in open(out / "README.md").read()
+    )
+    episodes, evaluations = own(rows(out, "learning_curves"), "2"), own(rows(out, "evaluations"), "2")
+    assert [int(r["step"]) for r in episodes] == list(range(1000, lost_reach["2"] + 5001, 1000))
+    assert {r["episodic_return"] for r in episodes} == {"1.5"}
+    assert {r["episodic_return"] for r in evaluations} == {"2.5"}
+    assert own(rows(out, "values"), "2") == []  # the restart has no checkpoint here: no values of the lost run's
