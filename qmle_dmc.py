@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import sys
@@ -28,6 +29,7 @@ os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # classic-control tasks render through pygame: no window
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/qmle-jax/xla"))  # JAX's disk cache:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # a second run of a configuration starts fast
+import cloudpickle
 import flax
 import flax.linen as nn
 import gymnasium as gym
@@ -517,14 +519,50 @@ def checked_env(env_id: str, video_dir: Optional[str] = None, render: bool = Fal
 def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
     """make_env(env_id, seed + i) for i < num_envs, in a process each for more than one (forked before JAX starts).
     Same-step autoreset: an ended episode's last observation is in infos["final_obs"]."""
-    fns = [functools.partial(make_worker_env if num_envs > 1 else make_env, env_id, seed + i) for i in range(num_envs)]
+    fns = [functools.partial(make_worker_env, env_id, seed + i, num_envs > 1) for i in range(num_envs)]
     vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
     return vector(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
-def make_worker_env(env_id: str, seed: int) -> gym.Env:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the trainer decides
-    return make_env(env_id, seed)
+def make_worker_env(env_id: str, seed: int, own_process: bool) -> gym.Env:
+    if own_process:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the trainer decides
+    return Resumable(make_env(env_id, seed))
+
+
+class Resumable(gym.Wrapper):
+    """An environment a checkpoint holds whole (snapshot), simulator and random generators included, so that a
+    resumed run goes on with its episodes, and that `envs.set_attr("state", ...)` sets back."""
+
+    def snapshot(self) -> bytes:  # b"": the resumed run starts new episodes in this environment
+        u = self.env.unwrapped  # EzPickle's pickle remakes it from its arguments (Gymnasium's MuJoCo and Box2D tasks),
+        if isinstance(u, gym.utils.EzPickle) and not type(u).__module__.startswith("shimmy.dm_control"):
+            return b""  # but Shimmy's arguments hold the dm_control environment itself
+        try:
+            return cloudpickle.dumps(self.env)
+        except Exception as e:
+            print(f"warning: a checkpoint cannot hold this environment: {type(e).__name__}: {e}", file=sys.stderr)
+            return b""
+
+    state = property(snapshot)  # set_attr looks the name up before setting it
+
+    @state.setter
+    def state(self, data: bytes):
+        self.env.close()
+        self.env = cloudpickle.loads(data)
+
+
+def saved_envs(envs, obs, whole: bool = True) -> dict:  # not whole after a crash: they may be a step ahead of obs
+    states = envs.call("snapshot") if whole else ()
+    return dict(envs=np.frombuffer(pickle.dumps(states), np.uint8), obs=np.asarray(obs))
+
+
+def continued_envs(envs, saved: dict, seed: int):  # a checkpoint's observations and states, or new episodes
+    states = pickle.loads(saved["envs"].tobytes()) if saved["envs"].size else ()
+    if states and all(states):
+        envs.set_attr("state", list(states))
+        return saved["obs"]
+    return envs.reset(seed=seed)[0]
 
 
 def saved_settings(args):
@@ -650,7 +688,7 @@ def finish(args, outcome: str, global_step: int, params, logger, envs, final_eva
     if outcome == "finished" and args.eval_frequency:
         final_evaluation()
     if args.checkpoint_frequency:
-        saved_to.append(checkpoint())
+        saved_to.append(checkpoint(whole=outcome != "crashed"))
     logger.close(outcome == "finished")
     envs.close()
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -710,12 +748,12 @@ def main(args: Args) -> None:
     state = QMLEState.create(apply_fn=None, params=params, target_params=params, tx=adam(args.learning_rate))
     pending = {k: np.zeros((rows, *np.shape(v)), np.float32) for k, v in transition.items()}
     run = dict(state=jax.tree.map(jnp.asarray, state), key=key, wins=jnp.zeros(len(SOURCES)), pending=pending)
-    run["buffer"] = buffer_init(stored, args.buffer_size)
+    run.update(buffer=buffer_init(stored, args.buffer_size), envs=dict(envs=np.zeros(0, np.uint8), obs=np.zeros(0)))
     run = restore(run, saved, "--resume") if meta else run
     state, buffer, key, wins, pending = (run[k] for k in ("state", "buffer", "key", "wins", "pending"))
 
-    def checkpoint():  # the whole run state, so that --resume continues this very run
-        tree = dict(state=state, buffer=buffer, key=key, wins=wins, pending=pending)
+    def checkpoint(whole=True):  # the whole run state, environments included, so that --resume continues it
+        tree = dict(state=state, buffer=buffer, key=key, wins=wins, pending=pending, envs=saved_envs(envs, obs, whole))
         info = dict(args=vars(args), global_step=global_step, wandb_id=logger.wandb and logger.wandb.id)
         return save_arrays(os.path.join(logger.run_dir, "checkpoint.npz"), tree, info)
 
@@ -725,7 +763,7 @@ def main(args: Args) -> None:
         logger.log(global_step, {"eval/episodic_return": mean})
 
     crossed = lambda period: period > 0 and global_step // period > previous // period  # passed a multiple of it?
-    obs, _ = envs.reset(seed=args.seed)
+    obs = continued_envs(envs, run["envs"], args.seed)
     outcome, metrics, returns, last_log = "crashed", {}, [], (time.time(), global_step)
     print("compiling the greedy action (XLA) ...")
     try:

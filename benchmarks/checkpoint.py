@@ -1,11 +1,11 @@
 """What a checkpoint of qmle_dmc.py costs: its size on disk and the time to write and to read it back.
 
 A checkpoint is the whole run state (online and target parameters, Adam's moments, the replay buffer with its
-sum-tree, the keys and counters), written by the script's own save_arrays as one uncompressed .npz. Almost all
-of it is the replay storage: per transition the observation and next observation, the action and the cached
-arg-max, the reward and the termination flag, in float32. This fills a buffer with random transitions of the
-task's shapes, writes the checkpoint as a run does, reads it back as --resume does, and checks that every array
-came back as it was written.
+sum-tree, the keys and counters, the environment itself), written by the script's own save_arrays as one
+uncompressed .npz. Almost all of it is the replay storage: per transition the observation and next observation,
+the action and the cached arg-max, the reward and the termination flag, in float32. This fills a buffer with
+random transitions of the task's shapes, writes the checkpoint as a run does, reads it back as --resume does, and
+checks that every array came back as it was written.
 
     python benchmarks/checkpoint.py                                   # dog-walk, 1M transitions (about 2.1 GB)
     python benchmarks/checkpoint.py --env-id walker-walk --transitions 100000
@@ -47,9 +47,10 @@ def fail(message: str) -> None:
 
 def run_state(env_id: str, transitions: int, seed: int = 0) -> dict:
     """The state qmle_dmc.py checkpoints, as its main() builds it, with a full buffer of random transitions."""
-    env = qmle.make_env(env_id, seed)
-    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    env.close()
+    envs = qmle.make_envs(env_id, seed, 1)
+    obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    saved_envs = qmle.saved_envs(envs, envs.reset(seed=seed)[0])  # the environment, simulator and all
+    envs.close()
     d = qmle.Args(env_id=env_id)
     model = qmle.QMLENetwork(action_dim, d.num_bins)
     key = jax.random.PRNGKey(seed)
@@ -74,6 +75,7 @@ def run_state(env_id: str, transitions: int, seed: int = 0) -> dict:
         key=key,
         wins=jnp.zeros(len(qmle.SOURCES)),
         pending=pending,
+        envs=saved_envs,
     )
 
 
@@ -102,6 +104,7 @@ def measure(args: Args) -> dict:
         bytes=size,
         replay_storage_bytes=storage,
         bytes_per_transition=storage / args.transitions,
+        environment_bytes=run["envs"]["envs"].nbytes,
         write_s=write_s,
         read_s=read_s,
         write_mb_per_s=size / 1e6 / write_s,
@@ -117,10 +120,10 @@ def main(args: Args) -> None:
     qmle.make_env(args.env_id, 0).close()  # an unknown id fails here with its one line
     r = measure(args)
     print(
-        f"| task | transitions | checkpoint | of it replay storage | per transition | write | read |\n"
-        f"|---|---|---|---|---|---|---|\n"
+        f"| task | transitions | checkpoint | of it replay storage | environment | per transition | write | read |\n"
+        f"|---|---|---|---|---|---|---|---|\n"
         f"| {r['env_id']} | {r['transitions']:,} | {r['bytes'] / 1e9:.2f} GB "
-        f"| {r['replay_storage_bytes'] / 1e9:.2f} GB "
+        f"| {r['replay_storage_bytes'] / 1e9:.2f} GB | {r['environment_bytes'] / 1e6:.0f} MB "
         f"| {r['bytes_per_transition']:,.0f} B | {r['write_s']:.1f} s ({r['write_mb_per_s']:.0f} MB/s) "
         f"| {r['read_s']:.1f} s ({r['read_mb_per_s']:.0f} MB/s) |"
     )

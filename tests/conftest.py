@@ -1,4 +1,5 @@
 import contextlib
+import csv
 import gc
 import glob
 import json
@@ -94,6 +95,19 @@ def run_in_process(agent, directory, monkeypatch, **settings):
     return run_dir, load_saved(os.path.join(run_dir, "checkpoint.npz"))
 
 
+def stopped_and_resumed(agent, directory, monkeypatch, **settings):
+    """The metrics.csv rows (steps/s aside) of a run to step 500 that never stopped, and of the same run stopped at
+    250, in the middle of an episode (Pendulum-v1's last 200 steps), and resumed from its checkpoint."""
+    monkeypatch.chdir(directory)
+    settings = dict(settings, total_timesteps=500, checkpoint_frequency=1000, eval_frequency=0)  # no final evaluations
+    agent.main(agent.Args(**dict(settings, exp_name="straight")))
+    agent.main(agent.Args(**dict(settings, exp_name="stopped", total_timesteps=250)))
+    (stopped,) = glob.glob("runs/*__stopped__*")
+    agent.main(agent.Args(resume=stopped, total_timesteps=500))
+    rows = lambda name: list(csv.DictReader(open(glob.glob(f"runs/*__{name}__*/metrics.csv")[0])))
+    return [[{k: v for k, v in r.items() if k != "charts/SPS"} for r in rows(name)] for name in ("straight", "stopped")]
+
+
 @contextlib.contextmanager
 def counting_compiles():
     """Inside the block, the list it yields gets one entry per program XLA compiles (jax's own compile events)."""
@@ -121,7 +135,7 @@ def q_reference(params, obs, actions):
     concatenation the paper draws (no split layer, no chunking): the independent reference for both agents."""
     p = params["params"]
     relu, elu = jax.nn.relu, jax.nn.elu
-    dense = lambda name, x: x @ p[name]["kernel"] + p[name].get("bias", 0.0)  # noqa: E731
+    dense = lambda name, x: x @ p[name]["kernel"] + p[name].get("bias", 0.0)
 
     def norm(name, x):
         mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)

@@ -24,6 +24,7 @@ from conftest import (
     refusal,
     run_in_process,
     saved,
+    stopped_and_resumed,
 )
 
 import aql_discrete as aql
@@ -768,3 +769,10 @@ def test_the_first_updates_and_greedy_actions_match_the_golden_recording():
         assert set(metrics) == set(expected)
         for name, value in expected.items():  # rounding's drift grows with every step
             assert float(metrics[name]) == pytest.approx(value, rel=5e-3 * 4**i, abs=1e-6), (i, name)
+
+
+def test_a_run_stopped_in_the_middle_of_an_episode_resumes_as_if_it_never_stopped(tmp_path, monkeypatch):
+    straight, resumed = stopped_and_resumed(aql, tmp_path, monkeypatch, **FAST)
+    ends = [int(r["global_step"]) for r in straight if r["charts/episodic_return"]]
+    assert ends and 250 < ends[-1] < 500  # an episode the stop cut through ended, and the next one began
+    assert resumed == straight

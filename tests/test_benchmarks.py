@@ -181,8 +181,11 @@ def test_checkpoint_cost_is_the_replay_storage_plus_the_networks(tmp_path):
     # walker-walk: 24 observation and 6 action dimensions; a transition stores obs, next_obs, action, argmax,
     # reward and terminated as float32: (24 + 24 + 6 + 6 + 1 + 1) x 4 bytes
     assert r["bytes_per_transition"] == 248 and r["replay_storage_bytes"] == 248_000
-    # on top: parameters, target parameters and Adam's two moments (about 0.17M floats each), the sum-tree
-    assert 248_000 + 4 * 4 * 150_000 < r["bytes"] < 248_000 + 4 * 4 * 250_000
+    # on top: parameters, target parameters and Adam's two moments (about 0.17M floats each), the sum-tree, and the
+    # environment, pickled whole (walker's model and simulator: megabytes)
+    assert r["environment_bytes"] > 1e6
+    extra = r["bytes"] - 248_000 - r["environment_bytes"]
+    assert 4 * 4 * 150_000 < extra < 4 * 4 * 250_000
     assert os.path.getsize(tmp_path / "checkpoint.npz") == r["bytes"]
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT, counting_compiles, interrupt, load_saved, refusal, run_in_process, saved
+from conftest import ROOT, counting_compiles, interrupt, load_saved, refusal, run_in_process, saved, stopped_and_resumed
 
 import dqn_grid as dqn
 
@@ -472,3 +472,10 @@ def test_a_second_run_in_one_process_compiles_nothing(tmp_path, monkeypatch):
     with counting_compiles() as compiled:
         run_in_process(dqn, tmp_path, monkeypatch, exp_name="second", **fast)
     assert compiled == []
+
+
+def test_a_run_stopped_in_the_middle_of_an_episode_resumes_as_if_it_never_stopped(tmp_path, monkeypatch):
+    straight, resumed = stopped_and_resumed(dqn, tmp_path, monkeypatch, **FAST)
+    ends = [int(r["global_step"]) for r in straight if r["charts/episodic_return"]]
+    assert ends and 250 < ends[-1] < 500  # an episode the stop cut through ended, and the next one began
+    assert resumed == straight

@@ -6,6 +6,7 @@ import glob
 import itertools
 import json
 import os
+import pickle
 import shlex
 import struct
 import subprocess
@@ -28,6 +29,7 @@ from conftest import (
     run_in_process,
     run_script,
     saved,
+    stopped_and_resumed,
 )
 
 import qmle_dmc as q
@@ -565,8 +567,7 @@ def test_an_evaluation_at_the_end_judges_the_phase_the_last_step_acted_in():
 
 def test_transitions_periods_curriculum_and_resume_on_a_time_limited_task(tmp_path, monkeypatch):
     # Pendulum-v1 ends every 200 steps by its time limit; the grid phase lasts 150 steps; targets copy every 400.
-    # The run stops at 400, resumes to 600 and then to 700: each stop but the last at an episode's end, since a
-    # resumed run restarts its episodes.
+    # The run stops at 400, resumes to 600 and then to 700.
     run_dir, (meta, arrays) = train_in_process(
         tmp_path,
         monkeypatch,
@@ -905,3 +906,58 @@ def test_the_first_updates_and_greedy_actions_match_the_golden_recording():
         assert set(metrics) == set(expected)
         for name, value in expected.items():  # rounding's drift grows with every step (1e-2 by the 30th here)
             assert float(metrics[name]) == pytest.approx(value, rel=5e-3 * 4**i, abs=1e-6), (i, name)
+
+
+@pytest.mark.parametrize("num_envs", [1, 2])  # in this process, or in one worker process each
+def test_a_run_stopped_in_the_middle_of_an_episode_resumes_as_if_it_never_stopped(tmp_path, monkeypatch, num_envs):
+    straight, resumed = stopped_and_resumed(q, tmp_path, monkeypatch, **dict(FAST, num_envs=num_envs))
+    ends = [int(r["global_step"]) for r in straight if r["charts/episodic_return"]]
+    assert ends and 250 < ends[-1] < 500  # an episode the stop cut through ended, and the next one began
+    assert resumed == straight
+
+
+def test_a_checkpoint_holds_a_dmc_environment_whole_and_remakes_a_gymnasium_mujoco_one():
+    # DeepMind Control through Shimmy: the restored environment goes on as the original does, to the bit ...
+    envs, other = (q.make_envs("cartpole-swingup", 3, 1) for _ in range(2))
+    obs = envs.reset(seed=3)[0]
+    actions = np.random.default_rng(0).uniform(-1, 1, (1100, 1, 1)).astype(np.float32)
+    for action in actions[:10]:
+        obs = envs.step(action)[0]
+    restored_obs = q.continued_envs(other, q.saved_envs(envs, obs), seed=4)
+    np.testing.assert_array_equal(restored_obs, obs)
+    ended = 0
+    for action in actions[10:]:  # through the episode's end at 1000 and the task's random start of the next one
+        mine, theirs = envs.step(action)[:4], other.step(action)[:4]  # observations, rewards, terminated, truncated
+        for a, b in zip(mine, theirs):
+            np.testing.assert_array_equal(a, b)
+        ended += int(mine[3][0])
+    assert ended == 1
+    # ... while Gymnasium's MuJoCo tasks pickle as a fresh copy (EzPickle): nothing saved, and a resume starts anew
+    envs, fresh = (q.make_envs("InvertedPendulum-v5", 3, 1) for _ in range(2))
+    envs.reset(seed=5)
+    envs.step(np.zeros((1, 1), np.float32))  # in the middle of an episode
+    saved = q.saved_envs(envs, np.full((1, 4), 7.0))
+    assert pickle.loads(saved["envs"].tobytes()) == (b"",)
+    np.testing.assert_array_equal(q.continued_envs(envs, saved, 3), fresh.reset(seed=3)[0])
+
+
+def test_a_crash_saves_a_checkpoint_whose_resume_starts_new_episodes(tmp_path, monkeypatch):
+    # An exception can leave the environments a step ahead of the observation the loop holds: the checkpoint a crash
+    # writes keeps no environment, and its resume starts new episodes.
+    update, calls = q.update, []
+
+    def failing_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("a failure in the middle of a run")
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(q, "update", failing_update)
+    with pytest.raises(RuntimeError, match="a failure in the middle"):
+        train_in_process(tmp_path, monkeypatch, total_timesteps=1000, checkpoint_frequency=10_000)
+    monkeypatch.setattr(q, "update", update)
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    meta, arrays = load_saved(os.path.join(run_dir, "checkpoint.npz"))
+    assert meta["global_step"] == 50 and pickle.loads(arrays["['envs']['envs']"].tobytes()) == ()
+    _, (meta, _) = train_in_process(tmp_path, monkeypatch, resume=run_dir, total_timesteps=100)
+    assert meta["global_step"] == 100

@@ -11,7 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, command_line, counting_compiles, interrupt, load_saved, q_reference, run_in_process, saved
+from conftest import (
+    ROOT,
+    command_line,
+    counting_compiles,
+    interrupt,
+    load_saved,
+    q_reference,
+    run_in_process,
+    saved,
+    stopped_and_resumed,
+)
 
 import qmle_dmc
 import qtopt_cem as q
@@ -574,3 +584,10 @@ def test_a_second_run_in_one_process_compiles_nothing(tmp_path, monkeypatch):
     with counting_compiles() as compiled:
         train_in_process(tmp_path, monkeypatch, total_timesteps=300, checkpoint_frequency=300, exp_name="second")
     assert compiled == []
+
+
+def test_a_run_stopped_in_the_middle_of_an_episode_resumes_as_if_it_never_stopped(tmp_path, monkeypatch):
+    straight, resumed = stopped_and_resumed(q, tmp_path, monkeypatch, **FAST)
+    ends = [int(r["global_step"]) for r in straight if r["charts/episodic_return"]]
+    assert ends and 250 < ends[-1] < 500  # an episode the stop cut through ended, and the next one began
+    assert resumed == straight

@@ -26,6 +26,7 @@ from conftest import (
     run_in_process,
     run_script,
     saved,
+    stopped_and_resumed,
 )
 
 import wolpertinger as w
@@ -892,3 +893,10 @@ def test_videos_play_at_the_tasks_own_speed(tmp_path):
     (video,) = glob.glob(str(tmp_path / "*.mp4"))
     reader = imageio.get_reader(video)
     assert reader.get_meta_data()["fps"] == 20 and reader.count_frames() == 21
+
+
+def test_a_run_stopped_in_the_middle_of_an_episode_resumes_as_if_it_never_stopped(tmp_path, monkeypatch):
+    straight, resumed = stopped_and_resumed(w, tmp_path, monkeypatch, **FAST)
+    ends = [int(r["global_step"]) for r in straight if r["charts/episodic_return"]]
+    assert ends and 250 < ends[-1] < 500  # an episode the stop cut through ended, and the next one began
+    assert resumed == straight
