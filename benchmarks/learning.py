@@ -649,6 +649,7 @@ def report(args: Report) -> None:
     )
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, "learning_curves.png"), dpi=110, bbox_inches="tight")
+    plt.close(fig)  # a process that reports many times keeps no figure
     print(f"\nwrote {output_dir}/learning_curves.csv and learning_curves.png")
 
 

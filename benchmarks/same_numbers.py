@@ -3,6 +3,9 @@ earlier commit with the same flags on this machine, then continues both from the
 metrics.csv value for value (the wall-clock column charts/SPS aside).
 
     python benchmarks/same_numbers.py --against 9947e49 --agents qmle_dmc aql_discrete
+
+Scripts before e2aa604 restarted the environments at a resume (their checkpoints held no environment): against
+them, the rows agree up to the resume only, which the comparison says.
 """
 
 import csv
@@ -62,6 +65,9 @@ def main(args: Args) -> int:
         differ += not same
         values = sum(len([v for v in row.values() if v]) for row in ours)
         print(f"{agent}: {len(ours)} rows, {values} values, {'identical' if same else 'DIFFERENT'} to {args.against}'s")
+        before = [[r for r in rows if int(r["global_step"]) <= first] for rows in (reference, ours)]
+        if not same and before[0] == before[1]:
+            print(f"  identical up to the resume at step {first}, {len(before[1])} rows")
         if not same:
             for i, (a, b) in enumerate(zip(reference, ours)):
                 if a != b:
