@@ -569,19 +569,26 @@ class Resumable(gym.Wrapper):
 
     @state.setter
     def state(self, data: bytes):
-        self.env.close()
-        self.env = cloudpickle.loads(data)
+        made, self.env = self.env, cloudpickle.loads(data)
+        made.close()
 
 
 def saved_envs(envs, obs, whole: bool = True) -> dict:  # not whole after a crash: they may be a step ahead of obs
-    states = envs.call("snapshot") if whole else ()
+    try:
+        states = envs.call("snapshot") if whole else ()
+    except Exception as e:  # a worker gone with the run (a SIGTERM to the process group): the rest is still saved
+        print(f"warning: the checkpoint holds no environment: {type(e).__name__}: {e}", file=sys.stderr)
+        states = ()
     return dict(envs=np.frombuffer(pickle.dumps(states), np.uint8), obs=np.asarray(obs))
 
 
 def continued_envs(envs, saved: dict, seed: int):  # a checkpoint's observations and states, or new episodes
     states = pickle.loads(saved["envs"].tobytes()) if saved["envs"].size else ()
     if states and all(states):
-        envs.set_attr("state", list(states))
+        try:
+            envs.set_attr("state", list(states))
+        except Exception as e:  # e.g. written with other versions of the simulator's packages
+            fail(f"--resume: the checkpoint's environments cannot be loaded here: {type(e).__name__}: {e}")
         return saved["obs"]
     return envs.reset(seed=seed)[0]
 
