@@ -95,17 +95,26 @@ def run_in_process(agent, directory, monkeypatch, **settings):
     return run_dir, load_saved(os.path.join(run_dir, "checkpoint.npz"))
 
 
-def stopped_and_resumed(agent, directory, monkeypatch, **settings):
-    """The metrics.csv rows (steps/s aside) of a run to step 500 that never stopped, and of the same run stopped at
-    250, in the middle of an episode (Pendulum-v1's last 200 steps), and resumed from its checkpoint."""
+def read_metrics(run_dir):
+    return list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
+
+
+def resumes_as_if_it_never_stopped(agent, directory, monkeypatch, **settings):
+    """A run to step 500 that never stopped, and the same run stopped at 250, in the middle of an episode
+    (Pendulum-v1's last 200 steps), and resumed from its checkpoint, write the same metrics.csv (steps/s aside)."""
     monkeypatch.chdir(directory)
     settings = dict(settings, total_timesteps=500, checkpoint_frequency=1000, eval_frequency=0)  # no final evaluations
     agent.main(agent.Args(**dict(settings, exp_name="straight")))
     agent.main(agent.Args(**dict(settings, exp_name="stopped", total_timesteps=250)))
     (stopped,) = glob.glob("runs/*__stopped__*")
     agent.main(agent.Args(resume=stopped, total_timesteps=500))
-    rows = lambda name: list(csv.DictReader(open(glob.glob(f"runs/*__{name}__*/metrics.csv")[0])))
-    return [[{k: v for k, v in r.items() if k != "charts/SPS"} for r in rows(name)] for name in ("straight", "stopped")]
+    straight, resumed = (
+        [{k: v for k, v in r.items() if k != "charts/SPS"} for r in read_metrics(glob.glob(f"runs/*__{name}__*")[0])]
+        for name in ("straight", "stopped")
+    )
+    ends = [int(r["global_step"]) for r in straight if r["charts/episodic_return"]]
+    assert ends and 250 < ends[-1] < 500  # an episode the stop cut through ended, and the next one began
+    assert resumed == straight
 
 
 @contextlib.contextmanager

@@ -1,6 +1,5 @@
 """qmle_dmc.py: its parts against independent computations, then whole runs judged by what they write."""
 
-import csv
 import functools
 import glob
 import itertools
@@ -25,11 +24,12 @@ from conftest import (
     interrupt,
     load_saved,
     q_reference,
+    read_metrics,
     refusal,
+    resumes_as_if_it_never_stopped,
     run_in_process,
     run_script,
     saved,
-    stopped_and_resumed,
 )
 
 import qmle_dmc as q
@@ -502,10 +502,6 @@ SMOKE = dict(
 )
 
 
-def read_metrics(run_dir):
-    return list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
-
-
 def test_smoke_run_writes_metrics_and_a_model_that_loads(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # trained here; the saved model is then evaluated from the command line
     q.main(q.Args(save_model=True, env_id="cartpole-swingup", **SMOKE))
@@ -910,10 +906,7 @@ def test_the_first_updates_and_greedy_actions_match_the_golden_recording():
 
 @pytest.mark.parametrize("num_envs", [1, 2])  # in this process, or in one worker process each
 def test_a_run_stopped_in_the_middle_of_an_episode_resumes_as_if_it_never_stopped(tmp_path, monkeypatch, num_envs):
-    straight, resumed = stopped_and_resumed(q, tmp_path, monkeypatch, **dict(FAST, num_envs=num_envs))
-    ends = [int(r["global_step"]) for r in straight if r["charts/episodic_return"]]
-    assert ends and 250 < ends[-1] < 500  # an episode the stop cut through ended, and the next one began
-    assert resumed == straight
+    resumes_as_if_it_never_stopped(q, tmp_path, monkeypatch, **dict(FAST, num_envs=num_envs))
 
 
 def test_a_checkpoint_holds_a_dmc_environment_whole_and_remakes_a_gymnasium_mujoco_one():

@@ -3,7 +3,6 @@
 parameters), the golden recording of the script before its redesign, then refusals, checkpoints and whole runs
 judged by what they write."""
 
-import csv
 import functools
 import glob
 import itertools
@@ -22,11 +21,12 @@ from conftest import (
     counting_compiles,
     interrupt,
     load_saved,
+    read_metrics,
     refusal,
+    resumes_as_if_it_never_stopped,
     run_in_process,
     run_script,
     saved,
-    stopped_and_resumed,
 )
 
 import wolpertinger as w
@@ -653,10 +653,6 @@ SMOKE = dict(
 )
 
 
-def read_metrics(run_dir):
-    return list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
-
-
 def test_smoke_run_writes_metrics_and_a_model_that_loads_and_its_seed_reproduces_it(tmp_path, monkeypatch, capsys):
     flags = command_line(**SMOKE)
     result = run_script("wolpertinger.py", "--save-model", *flags, cwd=tmp_path)
@@ -896,7 +892,4 @@ def test_videos_play_at_the_tasks_own_speed(tmp_path):
 
 
 def test_a_run_stopped_in_the_middle_of_an_episode_resumes_as_if_it_never_stopped(tmp_path, monkeypatch):
-    straight, resumed = stopped_and_resumed(w, tmp_path, monkeypatch, **FAST)
-    ends = [int(r["global_step"]) for r in straight if r["charts/episodic_return"]]
-    assert ends and 250 < ends[-1] < 500  # an episode the stop cut through ended, and the next one began
-    assert resumed == straight
+    resumes_as_if_it_never_stopped(w, tmp_path, monkeypatch, **FAST)
