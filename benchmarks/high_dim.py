@@ -5,7 +5,8 @@ of other methods (docs/high_dim/). Three steps, each writing into --output-dir (
     python benchmarks/high_dim.py anchors --source CURVES_CSV   # anchors.csv, once, from the dmc-anchors collection
     python benchmarks/high_dim.py report --runs ~/longruns/*/runs/*   # the curves, README's tables, a figure a task
 
-A lost run's committed rows stand until its restart from scratch passes them.
+A lost run's committed rows stand until its restart from scratch passes them; until then the restart's own episodes
+and evaluations are in restarts.csv.
 """
 
 import csv
@@ -291,7 +292,7 @@ def report(args: Report) -> None:
     folders = sorted({d for pattern in args.runs for d in glob.glob(os.path.expanduser(pattern))})
     if not folders:
         fail(f"--runs {' '.join(args.runs)} names no run folder")
-    out, episodes, evaluations, runs, values = args.output_dir, [], [], [], []
+    out, episodes, evaluations, runs, values, restarts = args.output_dir, [], [], [], [], []
     committed = committed_runs(out)  # a lost machine's runs stand until their restarts pass them
     for run_dir in folders:
         (e, v, rates), q = run_rows(run_dir), value_rows(run_dir)
@@ -299,13 +300,19 @@ def report(args: Report) -> None:
             print(f"note: {run_dir}: no Q values against returns (no checkpoint, or several environments)")
         run = dict(env_id=e[0]["env_id"], seed=e[0]["seed"], reached=e[-1]["step"], sps=np.median(rates), cpu=args.cpu)
         run["restarted"] = ""  # a lost run's row (below) gives the step its restart from scratch has reached
-        e, v, q, run = lost_run_until_passed(committed.pop((run["env_id"], run["seed"]), None), e, v, q, run)
-        episodes, evaluations, values, runs = episodes + e, evaluations + v, values + q, runs + [run]
+        e, v, q, run, own = lost_run_until_passed(committed.pop((run["env_id"], run["seed"]), None), e, v, q, run)
+        for rows, new in zip((episodes, evaluations, values, runs, restarts), (e, v, q, [run], own)):
+            rows.extend(new)
     for (env_id, seed), (e, v, q, run) in sorted(committed.items()):
         print(f"note: {env_id} seed {seed}: no run folder given; its committed rows (to step {run['reached']}) stand")
-        episodes, evaluations, values, runs = episodes + e, evaluations + v, values + q, runs + [run]
+        for rows, new in zip((episodes, evaluations, values, runs), (e, v, q, [run])):
+            rows.extend(new)
     for name, rows in (("learning_curves", episodes), ("evaluations", evaluations), ("runs", runs), ("values", values)):
         write(os.path.join(out, f"{name}.csv"), rows)
+    if restarts:
+        write(os.path.join(out, "restarts.csv"), restarts)
+    elif os.path.exists(os.path.join(out, "restarts.csv")):  # every restart has passed its lost run
+        os.remove(os.path.join(out, "restarts.csv"))
     with open(os.path.join(out, "README.md")) as f:
         text = f.read()
     anchors, floor = read(os.path.join(out, "anchors.csv")), random_floor(out)
@@ -342,15 +349,18 @@ def committed_runs(folder: str) -> dict:
 
 def lost_run_until_passed(old: list, episodes: list, evaluations: list, values: list, run: dict) -> tuple:
     """A run restarted from scratch after its machine was lost: until it passes the lost run's last step, the rows
-    committed from the lost run (`old`, from committed_runs) stand, its runs.csv row saying how far the restart is."""
+    committed from the lost run (`old`, from committed_runs) stand, its runs.csv row saying how far the restart is,
+    and the restart's own episodes and evaluations go to restarts.csv (the last of the five returned)."""
     if old is None or run["reached"] >= int(old[3]["reached"]):
-        return episodes, evaluations, values, run
+        return episodes, evaluations, values, run, []
     same = next((i for i, (a, b) in enumerate(zip(episodes, old[0])) if a != b), min(len(episodes), len(old[0])))
     print(
         f"note: {run['env_id']} seed {run['seed']}: the committed rows to step {old[3]['reached']} stand; its restarted"
         f" run is at step {run['reached']}, its first {same} episodes equal to theirs"
     )
-    return old[0], old[1], old[2], dict(old[3], restarted=run["reached"])
+    own = [(r, "training") for r in episodes] + [(r, "evaluation") for r in evaluations]
+    own = [dict(list(r.items())[:3] + [("kind", kind)] + list(r.items())[3:]) for r, kind in own]  # kind after seed
+    return old[0], old[1], old[2], dict(old[3], restarted=run["reached"]), own
 
 
 def random_floor(folder: str) -> dict:

@@ -151,8 +151,8 @@ def test_a_lost_runs_rows_stand_until_its_restart_from_scratch_passes_them(tmp_p
     own = lambda table, seed: [r for r in table if (r["env_id"], r["seed"]) == ("dog-walk", seed)]  # noqa: E731
     lost_reach = {r["seed"]: int(r["reached"]) for r in own(rows(DOCS, "runs"), "1") + own(rows(DOCS, "runs"), "2")}
 
-    def restarted(seed, until):  # dog-walk `seed` run again to step `until`: an episode a 1000 steps, each return 1.5
-        run_dir = tmp_path / f"dog-walk__longrun__{seed}__7"
+    def restarted(seed, until, stamp=7):  # dog-walk `seed` run again to `until`: an episode a 1000 steps, return 1.5
+        run_dir = tmp_path / f"dog-walk__longrun__{seed}__{stamp}"
         run_dir.mkdir()
         with open(run_dir / "metrics.csv", "w") as f:
             f.write("global_step,charts/episodic_return,charts/SPS,eval/episodic_return\n")
@@ -180,3 +180,12 @@ def test_a_lost_runs_rows_stand_until_its_restart_from_scratch_passes_them(tmp_p
     assert {r["episodic_return"] for r in episodes} == {"1.5"}
     assert {r["episodic_return"] for r in evaluations} == {"2.5"}
     assert own(rows(out, "values"), "2") == []  # the restart has no checkpoint here: no values of the lost run's
+    kept = own(rows(out, "restarts"), "1")  # the restart behind its lost run: its own rows wait in restarts.csv
+    assert [(r["kind"], int(r["step"])) for r in kept if r["kind"] == "training"] == [
+        ("training", step) for step in range(1000, lost_reach["1"] - 1999, 1000)
+    ]
+    assert {r["episodic_return"] for r in kept if r["kind"] == "evaluation"} == {"2.5"}
+    assert own(rows(out, "restarts"), "2") == []  # passed: its rows are the curves themselves
+
+    high_dim.report(high_dim.Report(runs=[restarted("1", lost_reach["1"] + 1000, stamp=8), past], output_dir=str(out)))
+    assert not (out / "restarts.csv").exists()  # every restart has passed its lost run
