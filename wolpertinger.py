@@ -729,12 +729,10 @@ def main(args: Args) -> None:
         run, rng.bit_generator.state = restore(run, saved, "--resume"), meta["rng"]
     states, buffer, key, counts, pending = (run[name] for name in ("states", "buffer", "key", "counts", "pending"))
     params = {name: s.params for name, s in states.items()}  # what acts, is evaluated and is saved
-    updates = int(states["critic"].step)  # the critic steps at every update; the count says when the actor does
 
     def checkpoint(whole=True):  # the whole run state, environments included, so that --resume continues it
-        tree = dict(
-            states=states, buffer=buffer, key=key, counts=counts, pending=pending, envs=saved_envs(envs, obs, whole)
-        )
+        tree = dict(states=states, buffer=buffer, key=key, counts=counts, pending=pending)
+        tree["envs"] = saved_envs(envs, obs, whole)
         info = dict(args=vars(args), global_step=global_step, rng=rng.bit_generator.state)
         info["wandb_id"] = logger.wandb and logger.wandb.id
         return save_arrays(os.path.join(logger.run_dir, "checkpoint.npz"), tree, info)
@@ -774,10 +772,10 @@ def main(args: Args) -> None:
                 if learn and not metrics:
                     print(f"step {global_step}: compiling the update ...")
                 chunk = {name: v.copy() for name, v in pending.items()}  # jax may read numpy inputs after returning
-                phase = updates % args.policy_frequency
+                phase = int(states["critic"].step) % args.policy_frequency  # the critic steps at every update
                 states, buffer, new = update(nets, states, buffer, chunk, table, k_update, cfgs[learn], phase)
                 params = {name: s.params for name, s in states.items()}
-                metrics, updates = {**metrics, **new}, updates + cfgs[learn].updates  # actor_loss: from its last step
+                metrics = {**metrics, **new}  # actor_loss: from its last step
             if crossed(args.log_frequency):
                 now, (changed, acted) = time.time(), np.asarray(counts)
                 sps = (global_step - last_log[1]) / (now - last_log[0])
