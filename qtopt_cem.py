@@ -460,12 +460,11 @@ class Resumable(gym.Wrapper):
             print(f"warning: a checkpoint cannot hold this environment: {type(e).__name__}: {e}", file=sys.stderr)
             return b""
 
-    state = property(snapshot)  # set_attr looks the name up before setting it
-
-    @state.setter
-    def state(self, data: bytes):
+    def load(self, data: bytes):  # a snapshot, through envs.set_attr("state", [one per environment])
         made, self.env = self.env, cloudpickle.loads(data)
         made.close()
+
+    state = property(lambda self: None, load)  # set_attr reads the name before setting it: no snapshot just for that
 
 
 def saved_envs(envs, obs, whole: bool = True) -> dict:  # not whole after a crash: they may be a step ahead of obs

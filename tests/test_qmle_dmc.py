@@ -909,14 +909,18 @@ def test_a_run_stopped_in_the_middle_of_an_episode_resumes_as_if_it_never_stoppe
     resumes_as_if_it_never_stopped(q, tmp_path, monkeypatch, **dict(FAST, num_envs=num_envs))
 
 
-def test_a_checkpoint_holds_a_dmc_environment_whole_and_remakes_a_gymnasium_mujoco_one():
+def test_a_checkpoint_holds_a_dmc_environment_whole_and_remakes_a_gymnasium_mujoco_one(monkeypatch):
     # DeepMind Control through Shimmy: the restored environment goes on as the original does, to the bit ...
     envs, other = (q.make_envs("cartpole-swingup", 3, 1) for _ in range(2))
     obs = envs.reset(seed=3)[0]
     actions = np.random.default_rng(0).uniform(-1, 1, (1100, 1, 1)).astype(np.float32)
     for action in actions[:10]:
         obs = envs.step(action)[0]
-    restored_obs = q.continued_envs(other, q.saved_envs(envs, obs), seed=4)
+    saved, pickled = q.saved_envs(envs, obs), []
+    with monkeypatch.context() as m:  # loading snapshots nothing (set_attr reads the attribute before setting it)
+        m.setattr(q.cloudpickle, "dumps", lambda *args, **kwargs: pickled.append(args))
+        restored_obs = q.continued_envs(other, saved, seed=4)
+    assert pickled == []
     np.testing.assert_array_equal(restored_obs, obs)
     ended = 0
     for action in actions[10:]:  # through the episode's end at 1000 and the task's random start of the next one
