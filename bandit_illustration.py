@@ -120,6 +120,15 @@ def check_args(args: Args) -> None:
     ):
         if not getattr(args, name) > 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.ou_theta >= 2:  # ou - theta * ou overshoots by more than it reverts: the noise grows without bound
+        raise SystemExit(f"error: --ou-theta must be < 2, got {args.ou_theta}")
+    per_run = 3 * args.buffer_size + 2 * (args.num_steps + 1) + 2 * args.batch_size * (args.m_local + args.m_uniform)
+    need, memory = 4 * 9 * args.num_seeds * per_run, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > memory:  # every run's pulls, delta trajectory and candidates, all at once under vmap
+        raise SystemExit(
+            f"error: --num-seeds {args.num_seeds} (9 runs each, --buffer-size {args.buffer_size}, --num-steps "
+            f"{args.num_steps}) needs {need / 2**30:.3g} GiB, more than this machine's {memory / 2**30:.3g} GiB"
+        )
     edge = 1.0 - float(jnp.abs(SUB_CENTRE).max())  # the start disc must lie inside the action box (-1, 1)^2
     if args.init_radius >= edge:
         raise SystemExit(

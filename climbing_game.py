@@ -108,6 +108,15 @@ def check_args(args: Args) -> None:
     for name in ("learning_rate", "local_std"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    per_run = args.buffer_size * (2 * args.obs_dim + 3) + args.num_steps
+    per_run += 2 * args.argmax_batch_size * (args.m_uniform + args.m_local) + args.m_greedy * args.batch_size
+    need, memory = 4 * 2 * args.num_seeds * per_run, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > memory:  # every run's plays, greedy rewards and candidates, all at once under vmap
+        raise SystemExit(
+            f"error: --num-seeds {args.num_seeds} (2 runs each, --buffer-size {args.buffer_size}, --obs-dim "
+            f"{args.obs_dim}, --num-steps {args.num_steps}) needs {need / 2**30:.3g} GiB, more than this machine's "
+            f"{memory / 2**30:.3g} GiB"
+        )
     out = os.path.abspath(args.output_dir)
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --output-dir {args.output_dir} exists and is not a folder")

@@ -9,6 +9,7 @@ head that does not fit. Tavakoli, Ghiassian, Rakicevic, TMLR 2025, Appendix D.3 
     python dqn_grid.py --env-id walker-walk   # Fig. 10's DQN arm at 6 action dimensions (finger-spin: 2)
 """
 
+import atexit
 import collections
 import ctypes.util
 import functools
@@ -362,6 +363,7 @@ def check_common(args, positive: str, nonnegative: str, fractions: str) -> None:
         fail(f"--seed must be in [0, {largest}], got {args.seed}")
     if not re.fullmatch(r"\w[\w.+-]*", args.exp_name):
         fail(f"--exp-name must be a file name of letters, digits and . _ + -, got {args.exp_name!r}")
+    check_fits(f"--batch-size {args.batch_size}", args.batch_size * 2**14, host=True)  # an update's activations
     if args.num_envs > 1:  # a worker process each, of at most 0.25 GB (dog-walk's: 0.2 GB)
         check_fits(f"--num-envs {args.num_envs}", args.num_envs * 2**28, host=True)
     if not (args.load_model or args.resume) and args.learning_starts >= args.total_timesteps:
@@ -407,14 +409,19 @@ def checked_env(env_id: str, video_dir: Optional[str] = None, render: bool = Fal
 def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
     """make_env(env_id, seed + i) for i < num_envs, in a process each for more than one (forked before JAX starts).
     Same-step autoreset: an ended episode's last observation is in infos["final_obs"]."""
-    fns = [functools.partial(make_worker_env, env_id, seed + i, num_envs > 1) for i in range(num_envs)]
-    vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
-    return vector(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    trainer = os.getpid() if num_envs > 1 else None  # Gymnasium makes the first one here too, for its spaces
+    fns = [functools.partial(make_worker_env, env_id, seed + i, trainer) for i in range(num_envs)]
+    if num_envs == 1:
+        return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    atexit.register(envs.close)  # its workers ignore SIGTERM (the trainer saves them first): closed however it ends
+    return envs
 
 
-def make_worker_env(env_id: str, seed: int, own_process: bool) -> gym.Env:
-    if own_process:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the trainer decides
+def make_worker_env(env_id: str, seed: int, trainer_pid: Optional[int]) -> gym.Env:
+    if trainer_pid not in (None, os.getpid()):  # a worker: signals reach the whole process group; the trainer decides
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
     return Resumable(make_env(env_id, seed))
 
 
@@ -470,11 +477,13 @@ def saved_settings(args):
         with np.load(path) as f:
             arrays = {k: f[k] for k in f.files}
         meta = json.loads(str(arrays.pop("__meta__")))
-        saved, defaults = Args(**meta["args"]), Args()
         if meta["script"] != SCRIPT:
             raise ValueError(f"it was saved by {meta['script']}")
+        if args.load_model and "wandb_id" in meta:  # only a checkpoint's
+            raise ValueError("it is a run's checkpoint: --resume continues the run, and its model is saved beside it")
+        saved, defaults = Args(**meta["args"]), Args()
     except Exception as e:
-        fail(f"{option}: {path} is not a file saved by this {SCRIPT}: {type(e).__name__}: {e}")
+        fail(f"{option}: {path} cannot be used by this {SCRIPT}: {type(e).__name__}: {e}")
     for name, value in vars(args).items():
         if value != getattr(defaults, name) and value != getattr(saved, name):
             if name in MODEL_SETTINGS or (args.resume and name not in RUN_SETTINGS):
@@ -617,7 +626,7 @@ def main(args: Args) -> None:
     init = jax.jit(QNetwork.init, static_argnums=0)  # keyed on the model's settings: a second run reuses it
     params = pytorch_biases(init(model, k_init, example_obs[None]), jax.random.fold_in(k_init, 1))
     if args.load_model:  # its run's evaluation seeds: it scores what its run logged
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # an evaluation has nothing to save
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # an evaluation has nothing to save: Ctrl-C ends it at once
         video_dir = args.capture_video and os.path.join(os.path.dirname(args.load_model), "videos", "evaluation")
         evaluate(policy, restore(params, saved, "--load-model"), args, f"{args.load_model} on {args.env_id}", video_dir)
         return

@@ -9,6 +9,7 @@ in complex action spaces without policy gradients", TMLR 2025, Algorithm 1 and A
     python qmle_dmc.py --env-id dog-walk --m-target 100   # the headline: 38 action dimensions
 """
 
+import atexit
 import collections
 import ctypes.util
 import functools
@@ -436,6 +437,15 @@ def check_args(args: Args) -> None:
         fail("--rho-uniform, --rho-delta and --rho-categorical must sum to 1")
 
 
+def check_searches(args: Args, action_dim: int) -> None:
+    """Refuse an arg-max search that cannot fit: roughly its candidates (a few copies, and their comparisons with the
+    categorical's CDF) and one chunk's hidden activations at a time."""
+    searches = {"--m-greedy": (args.m_greedy, args.num_envs), "--m-target": (args.m_target, args.batch_size)}
+    for flag, (m, states) in searches.items():
+        need = 4 * states * (m + 1) * action_dim * (8 + args.num_bins) + 16 * 256 * max(m + 1, 3232)
+        check_fits(f"{flag} {m:,} for {states:,} states of {action_dim} dims, --num-bins {args.num_bins}", need)
+
+
 def acted_on_grid(global_step: int, args: Args) -> bool:  # so that an evaluation judges the policy that was trained
     return max(global_step - args.num_envs, 0) < args.discrete_steps  # the step before global_step was on the grid
 
@@ -474,6 +484,7 @@ def check_common(args, positive: str, nonnegative: str, fractions: str) -> None:
         fail(f"--seed must be in [0, {largest}], got {args.seed}")
     if not re.fullmatch(r"\w[\w.+-]*", args.exp_name):
         fail(f"--exp-name must be a file name of letters, digits and . _ + -, got {args.exp_name!r}")
+    check_fits(f"--batch-size {args.batch_size}", args.batch_size * 2**14, host=True)  # an update's activations
     if args.num_envs > 1:  # a worker process each, of at most 0.25 GB (dog-walk's: 0.2 GB)
         check_fits(f"--num-envs {args.num_envs}", args.num_envs * 2**28, host=True)
     if not (args.load_model or args.resume) and args.learning_starts >= args.total_timesteps:
@@ -519,14 +530,19 @@ def checked_env(env_id: str, video_dir: Optional[str] = None, render: bool = Fal
 def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
     """make_env(env_id, seed + i) for i < num_envs, in a process each for more than one (forked before JAX starts).
     Same-step autoreset: an ended episode's last observation is in infos["final_obs"]."""
-    fns = [functools.partial(make_worker_env, env_id, seed + i, num_envs > 1) for i in range(num_envs)]
-    vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
-    return vector(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    trainer = os.getpid() if num_envs > 1 else None  # Gymnasium makes the first one here too, for its spaces
+    fns = [functools.partial(make_worker_env, env_id, seed + i, trainer) for i in range(num_envs)]
+    if num_envs == 1:
+        return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    atexit.register(envs.close)  # its workers ignore SIGTERM (the trainer saves them first): closed however it ends
+    return envs
 
 
-def make_worker_env(env_id: str, seed: int, own_process: bool) -> gym.Env:
-    if own_process:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the trainer decides
+def make_worker_env(env_id: str, seed: int, trainer_pid: Optional[int]) -> gym.Env:
+    if trainer_pid not in (None, os.getpid()):  # a worker: signals reach the whole process group; the trainer decides
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
     return Resumable(make_env(env_id, seed))
 
 
@@ -582,11 +598,13 @@ def saved_settings(args):
         with np.load(path) as f:
             arrays = {k: f[k] for k in f.files}
         meta = json.loads(str(arrays.pop("__meta__")))
-        saved, defaults = Args(**meta["args"]), Args()
         if meta["script"] != SCRIPT:
             raise ValueError(f"it was saved by {meta['script']}")
+        if args.load_model and "wandb_id" in meta:  # only a checkpoint's
+            raise ValueError("it is a run's checkpoint: --resume continues the run, and its model is saved beside it")
+        saved, defaults = Args(**meta["args"]), Args()
     except Exception as e:
-        fail(f"{option}: {path} is not a file saved by this {SCRIPT}: {type(e).__name__}: {e}")
+        fail(f"{option}: {path} cannot be used by this {SCRIPT}: {type(e).__name__}: {e}")
     for name, value in vars(args).items():
         if value != getattr(defaults, name) and value != getattr(saved, name):
             if name in MODEL_SETTINGS or (args.resume and name not in RUN_SETTINGS):
@@ -725,6 +743,7 @@ def main(args: Args) -> None:
     if args.resume and meta["global_step"] >= args.total_timesteps:
         return print(f"{args.resume} is at step {meta['global_step']}: a larger --total-timesteps continues it")
     envs = None if args.load_model else make_envs(args.env_id, args.seed, args.num_envs)  # forked before JAX starts
+    check_searches(args, action_dim)
     model = QMLENetwork(action_dim, args.num_bins)
     rhos = (args.rho_uniform, args.rho_delta, args.rho_categorical, args.grid_fraction)
     greedy_budget, target_budget = Budget.split(args.m_greedy, *rhos), Budget.split(args.m_target, *rhos)
@@ -734,7 +753,7 @@ def main(args: Args) -> None:
     params = init(model, k_init, example_obs[None], jnp.zeros((1, 1, action_dim)))
     params = release_init(params, jax.random.fold_in(k_init, 1), args.bias_init, args.joint_init)
     if args.load_model:  # its run's evaluation seeds and budget: it scores what its run logged
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # an evaluation has nothing to save
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # an evaluation has nothing to save: Ctrl-C ends it at once
         video_dir = args.capture_video and os.path.join(os.path.dirname(args.load_model), "videos", "evaluation")
         label = f"{args.load_model} on {args.env_id}" + f" (videos in {video_dir})" * bool(video_dir)
         params, discrete = restore(params, saved, "--load-model"), acted_on_grid(meta["global_step"], args)

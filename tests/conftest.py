@@ -48,9 +48,10 @@ def command_line(**settings):
     return [word for name, value in settings.items() for word in (f"--{name.replace('_', '-')}", str(value))]
 
 
-def interrupt(script, flags, cwd, env=None, after="step      300"):
+def interrupt(script, flags, cwd, env=None, after="step      300", signum=signal.SIGINT, group=False):
     """Start a script as a user would, press Ctrl-C (SIGINT) once it prints a line starting with `after` (it is
-    training, past compiling), and return the finished process's (return code, stdout, stderr)."""
+    training, past compiling), or send `signum` to its whole process group, and return the finished process's
+    (return code, stdout, stderr)."""
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, script), *flags],
         cwd=cwd,
@@ -58,11 +59,15 @@ def interrupt(script, flags, cwd, env=None, after="step      300"):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=group,
     )
     for line in process.stdout:
         if line.startswith(after):
             break
-    process.send_signal(signal.SIGINT)
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     return process.returncode, stdout, stderr
 

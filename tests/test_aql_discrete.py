@@ -415,7 +415,7 @@ def test_a_proposal_too_large_for_memory_is_refused_in_one_line_before_anything_
     monkeypatch.chdir(tmp_path)
     text = refusal(aql.main, aql.Args(env_id="Pendulum-v1", num_bins=100_000_000))
     # 4 bytes x (5 x 1 x 1e8 x 257 weights + 4 x 256 states x 100 samples x 1e8 bins) = 4.1e13 bytes, 38,600 GiB
-    assert text.startswith("error: --num-bins 100000000")
+    assert text.startswith("error: ") and "--num-bins 100000000" in text
     needed = float(re.search(r"needs ([0-9.e+]+) GiB", text).group(1))
     assert needed == pytest.approx(4 * (5 * 1e8 * 257 + 4 * 256 * 100 * 1e8) / 2**30, rel=0.01)
     assert not os.path.exists(tmp_path / "runs")

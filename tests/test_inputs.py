@@ -168,6 +168,7 @@ def test_a_namespaced_env_id_makes_one_run_folder(tmp_path, monkeypatch, script)
         (dict(exp_name="a/b"), "--exp-name"),  # nested run folders
         (dict(exp_name=""), "--exp-name"),
         (dict(seed=-1), "--seed"),  # no environment takes it
+        (dict(batch_size=10**9), "--batch-size"),  # out of memory at the first update
     ],
 )
 def test_what_cannot_fit_or_be_named_is_refused_in_one_line_before_anything_starts(
@@ -180,6 +181,32 @@ def test_what_cannot_fit_or_be_named_is_refused_in_one_line_before_anything_star
     text = str(exit_info.value)
     assert text.startswith("error: ") and flag in text and "\n" not in text
     assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize(
+    "script, settings, flag",
+    [  # each was a RESOURCE_EXHAUSTED traceback, at once or at the first update, and a run folder left behind
+        ("qmle_dmc.py", dict(m_greedy=2 * 10**9), "--m-greedy"),
+        ("qmle_dmc.py", dict(m_target=10**7), "--m-target"),
+        ("qmle_dmc.py", dict(num_bins=10**8), "--num-bins"),
+        ("qtopt_cem.py", dict(cem_samples=2 * 10**9), "--cem-samples"),
+        ("aql_discrete.py", dict(m_uniform=2 * 10**9), "--m-uniform"),
+        ("aql_discrete.py", dict(n_proposal=2 * 10**9), "--n-proposal"),
+        ("wolpertinger.py", dict(knn="approx", recall_target=0.0), "--recall-target"),  # XLA's approx_max_k fails
+    ],
+)
+def test_a_search_that_cannot_fit_or_run_is_refused_in_one_line_before_anything_starts(
+    tmp_path, monkeypatch, script, settings, flag
+):
+    test_what_cannot_fit_or_be_named_is_refused_in_one_line_before_anything_starts(
+        tmp_path, monkeypatch, script, settings, flag
+    )
+
+
+def test_a_refusal_after_the_worker_processes_start_is_one_line_and_ends_them(tmp_path):
+    flags = ("--env-id", "Pendulum-v1", "--num-envs", "2", "--m-greedy", "2000000000")
+    result = run_script("qmle_dmc.py", *flags, cwd=tmp_path)  # it returns once the workers close their output too
+    assert one_error_line(result, "--m-greedy"), result.stderr[-2000:]
 
 
 def test_a_refusal_from_the_command_line_is_one_line_and_status_1(tmp_path):
@@ -249,6 +276,21 @@ def test_an_illustration_takes_only_seeds_its_int32_keys_hold(module):
     for bad in (-1, 2**31 - 3):
         with pytest.raises(SystemExit, match="^error: --seed"):
             module.check_args(dataclasses.replace(args, seed=bad))
+
+
+@pytest.mark.parametrize(
+    "module, settings, flag",
+    [  # each ran, and ended in a traceback (or a C++ abort) or, for --ou-theta, a figure of NaN
+        (bandit_illustration, dict(num_seeds=10**8), "--num-seeds"),
+        (bandit_illustration, dict(ou_theta=5.0), "--ou-theta"),
+        (climbing_game, dict(num_seeds=10**8), "--num-seeds"),
+        (climbing_game, dict(obs_dim=10**9), "--obs-dim"),
+    ],
+)
+def test_an_illustration_refuses_what_cannot_fit_or_settle_before_anything_starts(tmp_path, module, settings, flag):
+    out = tmp_path / "figures"
+    text = refusal(module.main, module.Args(output_dir=str(out), **settings))
+    assert flag in text and not out.exists()
 
 
 def test_help_is_tyros_whole_help_on_stdout(tmp_path):

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shlex
+import signal
 import struct
 import subprocess
 import sys
@@ -767,6 +768,18 @@ def test_sigint_during_start_up_stops_without_a_traceback_and_without_checkpoint
     assert "--resume" not in stdout and "cannot be continued" in stdout
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert sorted(os.listdir(run_dir)) == ["metrics.csv", "qmle_dmc.npz"]  # its model is saved, and no checkpoint
+
+
+def test_sigterm_to_the_process_group_stops_a_run_with_worker_processes_once_and_saves_their_environments(tmp_path):
+    # A cluster's stop reaches every process of the job (as Ctrl-C does in a terminal): the workers leave it to the
+    # trainer, which stops once, saves their environments in its checkpoint and closes them.
+    flags = command_line(**dict(FAST, num_envs=2, total_timesteps=1_000_000, checkpoint_frequency=5000))
+    returncode, stdout, stderr = interrupt("qmle_dmc.py", flags, tmp_path, signum=signal.SIGTERM, group=True)
+    assert returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-2000:]
+    assert stdout.count("SIGTERM: stopping") == 1 and "interrupted at step" in stdout, stdout[-2000:]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    _, arrays = load_saved(os.path.join(run_dir, "checkpoint.npz"))
+    assert [len(state) > 0 for state in pickle.loads(arrays["['envs']['envs']"].tobytes())] == [True, True]
 
 
 def wandb_history(path):
