@@ -203,6 +203,24 @@ def test_a_search_that_cannot_fit_or_run_is_refused_in_one_line_before_anything_
     )
 
 
+def test_worker_processes_are_forked_before_jax_starts(tmp_path):
+    # JAX is multithreaded: a fork after it starts can deadlock (it warns). A fresh process runs each agent to its fork.
+    code = f"""if True:
+        import importlib, sys, jax._src.xla_bridge as xla_bridge
+        sys.path.insert(0, {ROOT!r})
+        for name in {[script[:-3] for script in AGENT_SCRIPTS]!r}:
+            agent = importlib.import_module(name)
+            def make_envs(*args):
+                raise SystemExit
+            agent.make_envs = make_envs
+            try:
+                agent.main(agent.Args(env_id="Pendulum-v1", num_envs=2))
+            except SystemExit:
+                print(name, xla_bridge.backends_are_initialized())"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == [word for s in AGENT_SCRIPTS for word in (s[:-3], "False")], result.stderr[-2000:]
+
+
 def test_a_refusal_after_the_worker_processes_start_is_one_line_and_ends_them(tmp_path):
     flags = ("--env-id", "Pendulum-v1", "--num-envs", "2", "--m-greedy", "2000000000")
     result = run_script("qmle_dmc.py", *flags, cwd=tmp_path)  # it returns once the workers close their output too
