@@ -5,6 +5,8 @@ import glob
 import itertools
 import json
 import os
+import pickle
+import signal
 
 import gymnasium as gym
 import jax
@@ -439,8 +441,12 @@ def test_a_run_on_pendulum_logs_stores_its_transitions_resumes_and_saves_a_model
     assert str(exit_info.value).startswith("error: --load-model: --env-id 'cartpole-swingup'")
 
 
-def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path):
+def test_sigterm_to_the_process_group_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path):
+    # A cluster's stop reaches every process of the job (as Ctrl-C does in a terminal): the worker processes leave it
+    # to the trainer, which stops once and saves their environments in its checkpoint, then closes them.
     flags = [
+        "--num-envs",
+        "2",
         "--env-id",
         "Pendulum-v1",
         "--learning-starts",
@@ -456,8 +462,9 @@ def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path
         "--checkpoint-frequency",
         "100000",
     ]
-    returncode, stdout, stderr = interrupt("dqn_grid.py", flags, tmp_path)
-    assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    returncode, stdout, stderr = interrupt("dqn_grid.py", flags, tmp_path, signum=signal.SIGTERM, group=True)
+    assert returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-2000:]
+    assert stdout.count("SIGTERM: stopping") == 1, stdout[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     meta, arrays = load_saved(os.path.join(run_dir, "checkpoint.npz"))
     step = meta["global_step"]
@@ -467,6 +474,7 @@ def test_sigint_saves_the_model_and_a_checkpoint_and_says_how_to_resume(tmp_path
     assert int(arrays["['buffer'].size"]) == stored and int(arrays["['state'].step"]) == (stored - 100) // 10 + 1
     model_meta, _ = load_saved(os.path.join(run_dir, "dqn_grid.npz"))
     assert model_meta["global_step"] == step
+    assert [len(state) > 0 for state in pickle.loads(arrays["['envs']['envs']"].tobytes())] == [True, True]
 
 
 def test_a_second_run_in_one_process_compiles_nothing(tmp_path, monkeypatch):
