@@ -209,7 +209,10 @@ def sample_candidates(model: AQLNetwork, params, embedding, key, n_proposal: int
     return jnp.concatenate([proposal, uniform], axis=1)
 
 
-def q_over_candidates(model: AQLNetwork, params, embedding, candidates, states_per_chunk: int = 8):
+CHUNK_STATES = 8  # states whose candidates' activations are computed together (q_over_candidates)
+
+
+def q_over_candidates(model: AQLNetwork, params, embedding, candidates, states_per_chunk: int = CHUNK_STATES):
     """Q of every candidate of every state, [B, 128], [B, M, D] -> [B, M], up to 8 states at a time (fastest on a
     CPU). Where the whole action space is no larger than a state's candidates (CartPole, 1-D cartpole-swingup), Q of
     each action once, gathered: the same values at a fraction of the cost."""
@@ -454,12 +457,13 @@ def proposal_bytes(action_dim: int, num_bins: int, args: Args) -> int:
 
 
 def check_searches(args: Args, action_dim: int, num_bins: int) -> None:
-    """Refuse an update whose proposal cannot fit, or a search whose candidates (a few copies) and chunk of hidden
-    activations cannot (a search: each of --batch-size states, or of --num-envs when acting)."""
-    proposal = f"--n-proposal {args.n_proposal:,}, --num-bins {args.num_bins}: the proposal in an update"
-    check_fits(proposal, proposal_bytes(action_dim, num_bins, args))
-    m, states = args.n_proposal + args.m_uniform, max(args.num_envs, args.batch_size)
-    need = 16 * states * m * action_dim + 16 * 256 * m * min(states, 8)
+    """Refuse an update whose proposal cannot fit, or a search that cannot, counting less than XLA allocates: 3 int32
+    copies of its candidates and 4 of a chunk's 256 hidden units (for --batch-size states; --load-model acts on one)."""
+    if not args.load_model:
+        proposal = f"--n-proposal {args.n_proposal:,}, --num-bins {args.num_bins}: the proposal in an update"
+        check_fits(proposal, proposal_bytes(action_dim, num_bins, args))
+    m, states = args.n_proposal + args.m_uniform, 1 if args.load_model else max(args.num_envs, args.batch_size)
+    need = 12 * states * m * action_dim + 16 * 256 * m * min(states, CHUNK_STATES)
     check_fits(f"--n-proposal + --m-uniform {m:,} for {states:,} states of {action_dim} dims", need)
 
 
@@ -506,7 +510,8 @@ def check_common(args, positive: str, nonnegative: str, fractions: str) -> None:
         fail(f"--seed must be in [0, {largest}], got {args.seed}")
     if not re.fullmatch(r"\w[\w.+-]*", args.exp_name):
         fail(f"--exp-name must be a file name of letters, digits and . _ + -, got {args.exp_name!r}")
-    check_fits(f"--batch-size {args.batch_size}", args.batch_size * 2**14, host=True)  # an update's activations
+    batch = args.batch_size * 2**14  # an update's activations, 16 KB a transition (the host's memory: no JAX yet)
+    check_fits(f"--batch-size {args.batch_size}", batch, host=True)
     if args.num_envs > 1:  # a worker process each, of at most 0.25 GB (dog-walk's: 0.2 GB)
         check_fits(f"--num-envs {args.num_envs}", args.num_envs * 2**28, host=True)
     if not (args.load_model or args.resume) and args.learning_starts >= args.total_timesteps:
@@ -557,8 +562,16 @@ def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
     if num_envs == 1:
         return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs = gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    atexit.register(envs.close)  # its workers ignore SIGTERM (the trainer saves them first): closed however it ends
+    atexit.register(close_envs, envs)  # however the run ends (its workers ignore SIGTERM: the trainer saves them)
     return envs
+
+
+def close_envs(envs) -> None:  # a worker that cannot be closed (one of them died) is killed: they ignore SIGTERM
+    try:
+        envs.close()
+    except Exception:
+        for process in getattr(envs, "processes", []):
+            process.kill()
 
 
 def make_worker_env(env_id: str, seed: int, trainer_pid: Optional[int]) -> gym.Env:
@@ -716,11 +729,11 @@ def stop_after_step(signum, _frame):
 
 
 def start(args):
-    """A run's first step: from here Ctrl-C and SIGTERM stop it after the current step, and progress shows at once in a
-    log file too. Returns saved_settings(args)."""
+    """A run's first step: from here Ctrl-C and SIGTERM stop it after the current step (--load-model's evaluation, which
+    has nothing to save, at once), and progress shows at once in a log file too. Returns saved_settings(args)."""
     STOP.clear()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop_after_step)
+        signal.signal(signum, signal.SIG_DFL if args.load_model else stop_after_step)
     sys.stdout.reconfigure(line_buffering=True)
     return saved_settings(args)
 
@@ -736,7 +749,8 @@ def finish(args, outcome: str, global_step: int, params, logger, envs, final_eva
     if args.checkpoint_frequency:
         saved_to.append(checkpoint(whole=outcome != "crashed"))
     logger.close(outcome == "finished")
-    envs.close()
+    close_envs(envs)
+    atexit.unregister(close_envs)  # closed: nothing left for the exit to do
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print(f"{outcome} at step {global_step}: metrics in {logger.path}" + "".join(f", saved {p}" for p in saved_to))
@@ -771,7 +785,6 @@ def main(args: Args) -> None:
     init = jax.jit(AQLNetwork.init, static_argnums=0)  # keyed on the model's settings: a second run reuses it
     params = init(model, k_init, example_obs[None], jnp.zeros((1, 1, action_dim), jnp.int32))
     if args.load_model:  # its run's evaluation seeds and search: it scores what its run logged
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # an evaluation has nothing to save: Ctrl-C ends it at once
         video_dir = args.capture_video and os.path.join(os.path.dirname(args.load_model), "videos", "evaluation")
         params = restore(params, saved, "--load-model")
         return evaluate(policy, params, args, f"{args.load_model} on {args.env_id}", num_bins, video_dir)

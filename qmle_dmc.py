@@ -216,7 +216,10 @@ def source_counts(best_index: jax.Array, budget: Budget) -> jax.Array:
     return jnp.bincount(source, weights=(best_index.ravel() >= 0).astype(jnp.float32), length=len(SOURCES))
 
 
-def q_over_candidates(model: QMLENetwork, params, embedding, candidates, rows_per_chunk: int = 3232):
+CHUNK_ROWS = 3232  # candidates whose activations stay in a CPU's cache together (q_over_candidates)
+
+
+def q_over_candidates(model: QMLENetwork, params, embedding, candidates, rows_per_chunk: int = CHUNK_ROWS):
     """Q of every candidate of every state, [B, 128], [B, M, D] -> [B, M], about rows_per_chunk candidates at a
     time: each chunk's activations stay in cache between the matmuls, which halves the time on a CPU."""
     batch, per_state = candidates.shape[:2]
@@ -438,11 +441,15 @@ def check_args(args: Args) -> None:
 
 
 def check_searches(args: Args, action_dim: int) -> None:
-    """Refuse an arg-max search that cannot fit: roughly its candidates (a few copies, and their comparisons with the
-    categorical's CDF) and one chunk's hidden activations at a time."""
-    searches = {"--m-greedy": (args.m_greedy, args.num_envs), "--m-target": (args.m_target, args.batch_size)}
+    """Refuse an arg-max search that cannot fit, counting less than XLA allocates (so that nothing that fits is
+    refused): 3 float32 copies of its candidates, 4 of a chunk's 256 hidden units, the categorical head's weights (5
+    copies in an update) and 3 of its logits per state. --load-model only acts, on one state."""
+    searches = {"--m-greedy": (args.m_greedy, 1 if args.load_model else args.num_envs)}
+    if not args.load_model:
+        searches["--m-target"] = (args.m_target, args.batch_size)
     for flag, (m, states) in searches.items():
-        need = 4 * states * (m + 1) * action_dim * (8 + args.num_bins) + 16 * 256 * max(m + 1, 3232)
+        need = 12 * states * (m + 1) * action_dim + 16 * 256 * max(m + 1, CHUNK_ROWS)
+        need += 4 * action_dim * args.num_bins * (5 * 129 + 3 * states)
         check_fits(f"{flag} {m:,} for {states:,} states of {action_dim} dims, --num-bins {args.num_bins}", need)
 
 
@@ -484,7 +491,8 @@ def check_common(args, positive: str, nonnegative: str, fractions: str) -> None:
         fail(f"--seed must be in [0, {largest}], got {args.seed}")
     if not re.fullmatch(r"\w[\w.+-]*", args.exp_name):
         fail(f"--exp-name must be a file name of letters, digits and . _ + -, got {args.exp_name!r}")
-    check_fits(f"--batch-size {args.batch_size}", args.batch_size * 2**14, host=True)  # an update's activations
+    batch = args.batch_size * 2**14  # an update's activations, 16 KB a transition (the host's memory: no JAX yet)
+    check_fits(f"--batch-size {args.batch_size}", batch, host=True)
     if args.num_envs > 1:  # a worker process each, of at most 0.25 GB (dog-walk's: 0.2 GB)
         check_fits(f"--num-envs {args.num_envs}", args.num_envs * 2**28, host=True)
     if not (args.load_model or args.resume) and args.learning_starts >= args.total_timesteps:
@@ -535,8 +543,16 @@ def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
     if num_envs == 1:
         return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs = gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    atexit.register(envs.close)  # its workers ignore SIGTERM (the trainer saves them first): closed however it ends
+    atexit.register(close_envs, envs)  # however the run ends (its workers ignore SIGTERM: the trainer saves them)
     return envs
+
+
+def close_envs(envs) -> None:  # a worker that cannot be closed (one of them died) is killed: they ignore SIGTERM
+    try:
+        envs.close()
+    except Exception:
+        for process in getattr(envs, "processes", []):
+            process.kill()
 
 
 def make_worker_env(env_id: str, seed: int, trainer_pid: Optional[int]) -> gym.Env:
@@ -694,11 +710,11 @@ def stop_after_step(signum, _frame):
 
 
 def start(args):
-    """A run's first step: from here Ctrl-C and SIGTERM stop it after the current step, and progress shows at once in a
-    log file too. Returns saved_settings(args)."""
+    """A run's first step: from here Ctrl-C and SIGTERM stop it after the current step (--load-model's evaluation, which
+    has nothing to save, at once), and progress shows at once in a log file too. Returns saved_settings(args)."""
     STOP.clear()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop_after_step)
+        signal.signal(signum, signal.SIG_DFL if args.load_model else stop_after_step)
     sys.stdout.reconfigure(line_buffering=True)
     return saved_settings(args)
 
@@ -714,7 +730,8 @@ def finish(args, outcome: str, global_step: int, params, logger, envs, final_eva
     if args.checkpoint_frequency:
         saved_to.append(checkpoint(whole=outcome != "crashed"))
     logger.close(outcome == "finished")
-    envs.close()
+    close_envs(envs)
+    atexit.unregister(close_envs)  # closed: nothing left for the exit to do
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print(f"{outcome} at step {global_step}: metrics in {logger.path}" + "".join(f", saved {p}" for p in saved_to))
@@ -753,7 +770,6 @@ def main(args: Args) -> None:
     params = init(model, k_init, example_obs[None], jnp.zeros((1, 1, action_dim)))
     params = release_init(params, jax.random.fold_in(k_init, 1), args.bias_init, args.joint_init)
     if args.load_model:  # its run's evaluation seeds and budget: it scores what its run logged
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # an evaluation has nothing to save: Ctrl-C ends it at once
         video_dir = args.capture_video and os.path.join(os.path.dirname(args.load_model), "videos", "evaluation")
         label = f"{args.load_model} on {args.env_id}" + f" (videos in {video_dir})" * bool(video_dir)
         params, discrete = restore(params, saved, "--load-model"), acted_on_grid(meta["global_step"], args)

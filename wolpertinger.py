@@ -448,7 +448,8 @@ def check_common(args, positive: str, nonnegative: str, fractions: str) -> None:
         fail(f"--seed must be in [0, {largest}], got {args.seed}")
     if not re.fullmatch(r"\w[\w.+-]*", args.exp_name):
         fail(f"--exp-name must be a file name of letters, digits and . _ + -, got {args.exp_name!r}")
-    check_fits(f"--batch-size {args.batch_size}", args.batch_size * 2**14, host=True)  # an update's activations
+    batch = args.batch_size * 2**14  # an update's activations, 16 KB a transition (the host's memory: no JAX yet)
+    check_fits(f"--batch-size {args.batch_size}", batch, host=True)
     if args.num_envs > 1:  # a worker process each, of at most 0.25 GB (dog-walk's: 0.2 GB)
         check_fits(f"--num-envs {args.num_envs}", args.num_envs * 2**28, host=True)
     if not (args.load_model or args.resume) and args.learning_starts >= args.total_timesteps:
@@ -499,8 +500,16 @@ def make_envs(env_id: str, seed: int, num_envs: int) -> gym.vector.VectorEnv:
     if num_envs == 1:
         return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs = gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    atexit.register(envs.close)  # its workers ignore SIGTERM (the trainer saves them first): closed however it ends
+    atexit.register(close_envs, envs)  # however the run ends (its workers ignore SIGTERM: the trainer saves them)
     return envs
+
+
+def close_envs(envs) -> None:  # a worker that cannot be closed (one of them died) is killed: they ignore SIGTERM
+    try:
+        envs.close()
+    except Exception:
+        for process in getattr(envs, "processes", []):
+            process.kill()
 
 
 def make_worker_env(env_id: str, seed: int, trainer_pid: Optional[int]) -> gym.Env:
@@ -658,11 +667,11 @@ def stop_after_step(signum, _frame):
 
 
 def start(args):
-    """A run's first step: from here Ctrl-C and SIGTERM stop it after the current step, and progress shows at once in a
-    log file too. Returns saved_settings(args)."""
+    """A run's first step: from here Ctrl-C and SIGTERM stop it after the current step (--load-model's evaluation, which
+    has nothing to save, at once), and progress shows at once in a log file too. Returns saved_settings(args)."""
     STOP.clear()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop_after_step)
+        signal.signal(signum, signal.SIG_DFL if args.load_model else stop_after_step)
     sys.stdout.reconfigure(line_buffering=True)
     return saved_settings(args)
 
@@ -678,7 +687,8 @@ def finish(args, outcome: str, global_step: int, params, logger, envs, final_eva
     if args.checkpoint_frequency:
         saved_to.append(checkpoint(whole=outcome != "crashed"))
     logger.close(outcome == "finished")
-    envs.close()
+    close_envs(envs)
+    atexit.unregister(close_envs)  # closed: nothing left for the exit to do
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print(f"{outcome} at step {global_step}: metrics in {logger.path}" + "".join(f", saved {p}" for p in saved_to))
@@ -715,7 +725,6 @@ def main(args: Args) -> None:
     params = dict(actor=init(nets.actor, k_actor, example_obs[None]))
     params["critic"] = init(nets.critic, k_critic, example_obs[None], table[None, :1])
     if args.load_model:  # its run's task, grid, k and evaluation seeds: it scores what its run logged
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # an evaluation has nothing to save: Ctrl-C ends it at once
         video_dir = args.capture_video and os.path.join(os.path.dirname(args.load_model), "videos", "evaluation")
         label = f"{args.load_model} on {args.env_id}"
         return evaluate(policy, restore(params, saved, "--load-model"), table_np, args, label, video_dir)

@@ -359,7 +359,8 @@ def lost_run_until_passed(old: list, episodes: list, evaluations: list, values: 
         f" run is at step {run['reached']}, its first {same} episodes equal to theirs"
     )
     own = [(r, "training") for r in episodes] + [(r, "evaluation") for r in evaluations]
-    own = [dict(list(r.items())[:3] + [("kind", kind)] + list(r.items())[3:]) for r, kind in own]  # kind after seed
+    columns = ("exp_name", "env_id", "seed", "kind", "step", "episodic_return")
+    own = [{c: kind if c == "kind" else r[c] for c in columns} for r, kind in own]
     return old[0], old[1], old[2], dict(old[3], restarted=run["reached"]), own
 
 

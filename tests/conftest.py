@@ -68,7 +68,13 @@ def interrupt(script, flags, cwd, env=None, after="step      300", signum=signal
         os.killpg(process.pid, signum)
     else:
         process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=120)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # it did not stop: neither it nor its workers outlive the test
+        if group:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.kill()
+        raise
     return process.returncode, stdout, stderr
 
 

@@ -203,6 +203,24 @@ def test_a_search_that_cannot_fit_or_run_is_refused_in_one_line_before_anything_
     )
 
 
+@pytest.mark.parametrize(
+    "script, settings",
+    [
+        ("qmle_dmc.py", dict(m_greedy=10_000, m_target=1000, num_bins=11)),
+        ("qtopt_cem.py", dict(cem_samples=1000, cem_elites=100)),
+        ("aql_discrete.py", dict(n_proposal=100, m_uniform=1000, num_bins=11)),
+    ],
+)
+def test_the_search_estimates_refuse_no_research_setting_an_8_gb_gpu_holds(monkeypatch, script, settings):
+    # dog-walk's 38 dimensions, 64 environments, batches of 4096: XLA takes 2.3 GiB for qmle_dmc.py's largest search
+    module, needs = SCRIPTS[script], []
+    monkeypatch.setattr(module, "check_fits", lambda what, nbytes, host=False: needs.append(nbytes))
+    args = module.Args(batch_size=4096, num_envs=64, **settings)
+    bins = (11,) if script == "aql_discrete.py" else ()  # aql's takes its sub-actions' bins too
+    module.check_searches(args, 38, *bins)
+    assert needs and max(needs) < 8 * 2**30
+
+
 def test_worker_processes_are_forked_before_jax_starts(tmp_path):
     # JAX is multithreaded: a fork after it starts can deadlock (it warns). A fresh process runs each agent to its fork.
     code = f"""if True:
@@ -210,12 +228,14 @@ def test_worker_processes_are_forked_before_jax_starts(tmp_path):
         sys.path.insert(0, {ROOT!r})
         for name in {[script[:-3] for script in AGENT_SCRIPTS]!r}:
             agent = importlib.import_module(name)
+            class Forking(Exception):
+                pass
             def make_envs(*args):
-                raise SystemExit
+                raise Forking
             agent.make_envs = make_envs
             try:
                 agent.main(agent.Args(env_id="Pendulum-v1", num_envs=2))
-            except SystemExit:
+            except Forking:
                 print(name, xla_bridge.backends_are_initialized())"""
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.stdout.split() == [word for s in AGENT_SCRIPTS for word in (s[:-3], "False")], result.stderr[-2000:]

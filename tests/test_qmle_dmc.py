@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shlex
+import signal
 import struct
 import subprocess
 import sys
@@ -767,6 +768,21 @@ def test_sigint_during_start_up_stops_without_a_traceback_and_without_checkpoint
     assert "--resume" not in stdout and "cannot be continued" in stdout
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert sorted(os.listdir(run_dir)) == ["metrics.csv", "qmle_dmc.npz"]  # its model is saved, and no checkpoint
+
+
+def test_a_run_that_lost_a_worker_process_ends_the_others_with_it():
+    # A worker killed (out of memory, a simulator crash): closing the rest fails on its pipe, and they ignore SIGTERM
+    # (the trainer saves them first), so a run that did not kill them hung at its exit.
+    envs = q.make_envs("Pendulum-v1", 0, 2)
+    envs.reset(seed=0)
+    os.kill(envs.processes[0].pid, signal.SIGKILL)
+    envs.processes[0].join(10)
+    with pytest.raises((BrokenPipeError, EOFError)):
+        envs.step(np.zeros((2, 1), np.float32))
+    q.close_envs(envs)
+    for process in envs.processes:
+        process.join(10)
+    assert not any(process.is_alive() for process in envs.processes)
 
 
 def wandb_history(path):
